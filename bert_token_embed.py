@@ -1,0 +1,994 @@
+#!/usr/bin/env python3
+"""One BERT vector per whitespace token, from a bert-serving-server or a local model.
+
+BERT splits tokens into word pieces (``hankcs`` -> ``hank ##cs``); this tool sends
+sentences to BERT, maps the pieces' rows back to the user's tokens and merges them
+(mean, last, first, sum or max), so that line i of the input becomes array i of the
+output, of shape (tokens in line i, hidden size).
+
+The file reads in the order the data flows: read lines -> align pieces to tokens ->
+plan windows for long sentences -> merge -> talk to servers (or run a local model)
+-> write the output -> command line.
+"""
+
+import argparse
+import codecs
+import collections
+import itertools
+import json
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+import unicodedata
+import uuid
+import warnings
+from functools import lru_cache
+
+import numpy as np
+
+__version__ = "1.0.0"
+
+DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
+CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
+MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
+SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
+
+
+class UsageError(Exception):
+    """A problem the user can fix in the command, the input or the server's flags (exit 2)."""
+
+
+class RunError(Exception):
+    """A failure while the work runs (exit 1)."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; carries the exit status 128 + signal."""
+
+
+# ---------------------------------------------------------------- read lines
+
+def read_lines(stream, name, encoding="utf-8", errors="strict"):
+    """Yield the lines of a binary stream as str, split at b"\\n" only, without a leading BOM or a "\\r" before "\\n"."""
+    offset = 0
+    warned_cr = False
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    for number, raw in enumerate(stream, 1):
+        start = offset
+        offset += len(raw)
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if number == 1 and utf8 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+            start += len(codecs.BOM_UTF8)
+        if b"\r" in raw and not warned_cr:
+            warned_cr = True
+            warn(f"{name}: line {number} contains a carriage return (\\r); only \\n ends a line "
+                 "(for old Mac files run: tr '\\r' '\\n' < IN > OUT)")
+        try:
+            yield raw.decode(encoding, errors)
+        except UnicodeDecodeError as err:
+            raise UsageError(
+                f"{name}: line {number} is not valid {encoding} (byte offset {start + err.start}): "
+                f"use --encoding to name the file's encoding, or --errors replace to go on") from None
+
+
+# ---------------------------------------------------------------- align word pieces to tokens
+
+def _is_control(char):
+    """True for the characters BERT's BasicTokenizer deletes: Unicode category C* except tab, newline, CR."""
+    return char not in "\t\n\r" and unicodedata.category(char).startswith("C")
+
+
+def _is_punctuation(char):
+    """True for characters BERT splits off as their own token: ASCII non-alphanumerics and category P*."""
+    cp = ord(char)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(char).startswith("P")
+
+
+def _is_cjk(char):
+    """True for the CJK ideographs BERT puts apart, one token each."""
+    cp = ord(char)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def _is_whitespace(char):
+    """True for what BERT treats as a space: space, tab, newline, CR and category Zs."""
+    return char in " \t\n\r" or unicodedata.category(char) == "Zs"
+
+
+def _split_punctuation(word):
+    """Split a word so that every punctuation character stands alone."""
+    parts, current = [], ""
+    for char in word:
+        if _is_punctuation(char):
+            if current:
+                parts.append(current)
+            parts.append(char)
+            current = ""
+        else:
+            current += char
+    if current:
+        parts.append(current)
+    return parts
+
+
+@lru_cache(maxsize=1 << 18)
+def basic_tokens(token, lowercase):
+    """The basic tokens that BERT's BasicTokenizer (as run by bert-serving-server) makes of one token.
+
+    Each basic token becomes either a run of word pieces that spell it (``##`` removed) or
+    exactly one ``[UNK]``; an empty result means the token gets no piece at all.
+    """
+    text = "".join(" " if _is_whitespace(c) else (f" {c} " if _is_cjk(c) else c)
+                   for c in token if c != "\0" and c != "\ufffd" and not _is_control(c))
+    result = []
+    for word in text.split():
+        if lowercase:
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
+                           if unicodedata.category(c) != "Mn")
+        result.extend(_split_punctuation(word))
+    return tuple(" ".join(result).split())
+
+
+def align(expected, pieces):
+    """Count the pieces of each leading unit that the piece list spells out in full.
+
+    ``expected`` holds each unit's basic tokens, ``pieces`` the server's pieces without
+    ``[CLS]``/``[SEP]``. Returns the piece counts of the units covered before the pieces
+    ran out (all of them when none ran out), or None when the pieces do not spell the
+    units: the server tokenized differently from what we expected.
+    """
+    counts = []
+    p = 0
+    for unit in expected:
+        first = p
+        for word in unit:
+            if p == len(pieces):
+                return counts
+            if pieces[p] == "[UNK]":
+                p += 1
+                continue
+            spelled = 0
+            while spelled < len(word):
+                if p == len(pieces):
+                    return counts
+                piece = pieces[p]
+                if spelled:
+                    if not piece.startswith("##"):
+                        return None
+                    piece = piece[2:]
+                if not piece or not word.startswith(piece, spelled):
+                    return None
+                spelled += len(piece)
+                p += 1
+        counts.append(p - first)
+    return counts if p == len(pieces) else None
+
+
+def counts_from_known_pieces(known, pieces):
+    """Piece counts of the leading units, when each unit's own pieces are known; None if they do not add up to ``pieces``."""
+    counts = []
+    p = 0
+    for unit_pieces in known:
+        n = len(unit_pieces)
+        if p + n > len(pieces):
+            return counts if list(unit_pieces[:len(pieces) - p]) == pieces[p:] else None
+        if list(unit_pieces) != pieces[p:p + n]:
+            return None
+        counts.append(n)
+        p += n
+    return counts if p == len(pieces) else None
+
+
+# ---------------------------------------------------------------- windows for long sentences
+
+RETRY_ALONE, RETRY_SPLIT = 1, 2
+
+
+class Sentence:
+    """One input line on its way to token rows.
+
+    Its units are what windows are made of: the tokens, or, for a token too long for any
+    window, that token's basic tokens. Each unit gets one merged row and a piece count.
+    """
+
+    def __init__(self, number, tokens, estimate, split):
+        self.number = number
+        self.split = split                               # a unit's basic tokens, for a unit too long for a window
+        self.tokens = tokens
+        self.units = list(tokens)
+        self.owner = list(range(len(tokens)))
+        self.estimate = [estimate(t) for t in tokens]   # pieces a unit has at least
+        self.known = [None] * len(tokens)                # pieces a unit has, once a window covered it
+        self.rows = [None] * len(tokens)
+        self.counts = [0] * len(tokens)
+        self.covered = [False] * len(tokens)
+        self.retries = [0] * len(tokens)                 # 0, RETRY_ALONE or RETRY_SPLIT
+        self.truncated_units = 0
+        self.resynced = False
+        self.in_flight = 0
+        self.windows = 0
+
+    @property
+    def done(self):
+        return self.in_flight == 0 and all(self.covered)
+
+    def pieces_of(self, i):
+        """The unit's piece count if known, else its lower bound."""
+        return self.known[i] if self.known[i] is not None else self.estimate[i]
+
+    def split_unit(self, i, parts):
+        """Replace unit i by several units, all owned by the same token."""
+        n = len(parts)
+        self.units[i:i + 1] = parts
+        self.owner[i:i + 1] = [self.owner[i]] * n
+        self.estimate[i:i + 1] = [1] * n
+        self.known[i:i + 1] = [None] * n
+        self.rows[i:i + 1] = [None] * n
+        self.counts[i:i + 1] = [0] * n
+        self.covered[i:i + 1] = [False] * n
+        self.retries[i:i + 1] = [0] * n
+
+    def accept(self, window, counts, n_pieces):
+        """Mark the units a window's reply covered; return (unit, piece offset, piece count) for the rows to keep.
+
+        ``counts`` are the piece counts of the window's leading units that came back whole.
+        When no unit of its own came back whole, the first is retried without context;
+        if it failed alone it is split into its basic tokens at the next plan, or, when it
+        cannot be split, kept with the pieces that fit.
+        """
+        self.in_flight -= 1
+        taken, offset = [], 0
+        for k, count in enumerate(counts):
+            i = window.start + k
+            self.known[i] = count
+            if i >= window.own and not self.covered[i]:
+                self.covered[i] = True
+                taken.append((i, offset, count))
+            offset += count
+        if window.start + len(counts) <= window.own < window.end:
+            stuck = window.own
+            if window.start < stuck:
+                self.retries[stuck] = RETRY_ALONE
+            elif len(self.split(self.units[stuck])) > 1:
+                self.retries[stuck] = RETRY_SPLIT
+            else:
+                self.covered[stuck] = True
+                self.truncated_units += 1
+                taken.append((stuck, 0, n_pieces))
+        return taken
+
+    def plan(self, limit):
+        """Windows that cover the uncovered units, each within ``limit`` pieces by estimate, with left context."""
+        for i in reversed(range(len(self.units))):
+            if self.retries[i] == RETRY_SPLIT:
+                self.split_unit(i, list(self.split(self.units[i])))
+        windows = []
+        own, n = 0, len(self.units)
+        while own < n:
+            if self.covered[own]:
+                own += 1
+                continue
+            start = own
+            if self.retries[own] == 0:
+                budget = limit // 4
+                while start > 0 and self.pieces_of(start - 1) <= budget:
+                    budget -= self.pieces_of(start - 1)
+                    start -= 1
+            used = sum(self.pieces_of(i) for i in range(start, own))
+            end = own
+            while end < n and not self.covered[end] and (end == own or used + self.pieces_of(end) <= limit):
+                used += self.pieces_of(end)
+                end += 1
+            windows.append(Window(self, start, own, end))
+            own = end
+        self.windows += len(windows)
+        self.in_flight += len(windows)
+        return windows
+
+
+class Window(collections.namedtuple("Window", "sentence start own end")):
+    """Units [start, end) of a sentence, sent as one text; rows are kept for units from ``own`` on (the rest is context)."""
+
+    __slots__ = ()
+
+    @property
+    def units(self):
+        return self.sentence.units[self.start:self.end]
+
+
+# ---------------------------------------------------------------- merge piece rows into token rows
+
+MERGES = ("mean", "last", "first", "sum", "max")
+
+
+def merge_segments(rows, counts, how):
+    """One row per segment of consecutive ``rows`` (segment k has ``counts[k]`` rows); an empty segment gives a zero row."""
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros((len(counts), rows.shape[1]), dtype=np.float32)
+    filled = counts > 0
+    if not filled.any():
+        return out
+    ends = np.cumsum(counts)
+    starts = (ends - counts)[filled]
+    if how == "first":
+        out[filled] = rows[starts]
+    elif how == "last":
+        out[filled] = rows[ends[filled] - 1]
+    elif how == "max":
+        out[filled] = np.maximum.reduceat(rows, starts, axis=0)
+    else:
+        total = np.add.reduceat(rows, starts, axis=0)
+        out[filled] = total if how == "sum" else total / counts[filled, None]
+    return out
+
+
+def token_rows(sentence, how, hidden):
+    """A finished sentence's rows, one per token: unit rows, with the units of a split token merged again."""
+    n = len(sentence.tokens)
+    zero = np.zeros(hidden, dtype=np.float32)
+    rows = np.stack([zero if r is None else r for r in sentence.rows]) if sentence.units else np.zeros((0, hidden), np.float32)
+    if len(sentence.units) == n:
+        return rows
+    counts = np.asarray(sentence.counts, dtype=np.int64)
+    owner = np.asarray(sentence.owner)
+    filled = counts > 0
+    units_per_token = np.bincount(owner[filled], minlength=n)
+    if how == "mean":
+        pieces = np.bincount(owner, weights=counts, minlength=n)
+        summed = merge_segments(rows[filled] * counts[filled, None], units_per_token, "sum")
+        return (summed / np.maximum(pieces, 1)[:, None]).astype(np.float32)
+    return merge_segments(rows[filled], units_per_token, how)
+
+
+def merge_parts(parts, how):
+    """Merge the kept pieces of every window of one reply with a single numpy reduction, and store each unit's row.
+
+    ``parts`` holds, per window, its piece rows (row 0 = first piece) and the
+    (unit, piece offset, piece count) triples that ``Sentence.accept`` returned.
+    """
+    slices, counts, owners = [], [], []
+    for window, rows, taken in parts:
+        if taken:
+            slices.append(rows[taken[0][1]:taken[-1][1] + taken[-1][2]])
+            counts.extend(count for _, _, count in taken)
+            owners.extend((window.sentence, unit) for unit, _, _ in taken)
+    if not slices:
+        return
+    merged = merge_segments(np.concatenate(slices).astype(np.float32, copy=False), counts, how)
+    for (sentence, unit), row, count in zip(owners, merged, counts):
+        sentence.rows[unit] = row
+        sentence.counts[unit] = count
+
+
+# ---------------------------------------------------------------- talk to bert-serving-servers
+
+def parse_server(spec, default_port=5555, default_port_out=5556):
+    """Split "HOST[:PORT[:PORT_OUT]]" into (host, port, port_out); PORT_OUT defaults to PORT + 1."""
+    parts = spec.rsplit(":", 2) if spec.count(":") <= 2 else [spec]
+    try:
+        host = parts[0] or "localhost"
+        port = int(parts[1]) if len(parts) > 1 else default_port
+        port_out = int(parts[2]) if len(parts) > 2 else (port + 1 if len(parts) > 1 else default_port_out)
+    except ValueError:
+        raise UsageError(f"--server {spec}: expected HOST, HOST:PORT or HOST:PORT:PORT_OUT with numeric ports") from None
+    return host, port, port_out
+
+
+def start_command(port, port_out):
+    """The bert-serving-start command line for a server this tool can use."""
+    return (f"bert-serving-start -model_dir MODEL_DIR -pooling_strategy NONE -show_tokens_to_client "
+            f"-max_seq_len NONE -port {port} -port_out {port_out}")
+
+
+class Server:
+    """One bert-serving-server: its client, its requests in flight and when it last answered."""
+
+    def __init__(self, host, port, port_out, timeout):
+        try:
+            from bert_serving.client import BertClient
+        except ImportError:
+            raise UsageError("the bert-serving-client package is missing: pip install -r requirements.txt") from None
+        self.name = f"{host}:{port}:{port_out}"
+        self.port, self.port_out = port, port_out
+        # The identity routes replies; '#' or '@' in it would kill the server's sink.
+        self.client = BertClient(ip=host, port=port, port_out=port_out, identity=uuid.uuid4().hex.encode(),
+                                 ignore_all_checks=True, timeout=int(min(timeout, CONFIG_TIMEOUT) * 1000))
+        self.in_flight = {}
+        self.last_heard = time.monotonic()
+        self.replies = 0
+        self.config = None
+
+    def ask_config(self):
+        """The server's configuration (SHOW_CONFIG), or a UsageError when it does not answer in time."""
+        try:
+            self.config = self.client.server_config
+        except TimeoutError:
+            self.close()
+            raise UsageError(f"no bert-serving-server answered at {self.name} within "
+                             f"{self.client.timeout / 1000:g} s; start one with: "
+                             f"{start_command(self.port, self.port_out)}") from None
+        return self.config
+
+    def send(self, request):
+        if not self.in_flight:
+            self.last_heard = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.client.encode(request.texts, blocking=False)
+        self.in_flight[self.client.request_id] = request
+
+    def close(self):
+        self.client.close()
+
+
+def server_settings(server, client_version):
+    """Check one server's configuration; return (do_lower_case, max_seq_len) or raise a UsageError saying which flag to change."""
+    config = server.config
+    fix = f"restart it as: {start_command(server.port, server.port_out)}"
+    if config.get("pooling_strategy") not in (0, "NONE"):
+        raise UsageError(f"server {server.name} pools sentences (pooling_strategy={config.get('pooling_strategy')}); "
+                         f"token vectors need -pooling_strategy NONE: {fix}")
+    if not config.get("show_tokens_to_client"):
+        raise UsageError(f"server {server.name} does not send its word pieces; add -show_tokens_to_client: {fix}")
+    if config.get("no_special_token"):
+        raise UsageError(f"server {server.name} runs with -no_special_token, which hangs on long sentences; "
+                         f"remove it: {fix}")
+    max_seq_len = config.get("max_seq_len")
+    if max_seq_len is not None and not 3 < int(max_seq_len) <= MAX_POSITIONS:
+        raise UsageError(f"server {server.name} has max_seq_len={max_seq_len}; BERT holds at most {MAX_POSITIONS} "
+                         f"positions and the server hangs beyond: restart it with -max_seq_len NONE")
+    version = config.get("server_version")
+    if version != client_version:
+        warn(f"server {server.name} runs bert-serving-server {version}, the client is {client_version}; going on")
+    return bool(config.get("do_lower_case", True)), None if max_seq_len is None else int(max_seq_len)
+
+
+class Request(collections.namedtuple("Request", "kind windows texts")):
+    """A batch sent as one encode call: windows to embed ("embed"), or units asked about one by one ("pieces")."""
+
+    __slots__ = ()
+
+
+def embed_requests(windows, batch_size):
+    """Requests of at most ``batch_size`` windows each, every window sent as its units joined by SEPARATOR."""
+    return [Request("embed", tuple(windows[i:i + batch_size]),
+                    [SEPARATOR.join(w.units) for w in windows[i:i + batch_size]])
+            for i in range(0, len(windows), batch_size)]
+
+
+class ServerPool:
+    """Several bert-serving-servers used as one: each batch goes to the least busy; lost batches are sent again."""
+
+    def __init__(self, addresses, timeout, in_flight):
+        import zmq
+        self.timeout = timeout
+        self.slots_per_server = in_flight
+        self.servers = []
+        self.poller = zmq.Poller()
+        self.orphans = collections.deque()
+        self.lost = []
+        self.hidden = None
+        try:
+            from bert_serving.client import __version__ as client_version
+            settings = set()
+            for host, port, port_out in addresses:
+                server = Server(host, port, port_out, timeout)
+                self.servers.append(server)
+                server.ask_config()
+                settings.add(server_settings(server, client_version))
+            if len(settings) > 1:
+                raise UsageError("the servers differ in do_lower_case or max_seq_len; "
+                                 "start them all with the same model and flags")
+            self.lowercase, max_seq_len = settings.pop()
+            self.limit = (max_seq_len or MAX_POSITIONS) - 2
+            for server in self.servers:
+                self.poller.register(server.client.receiver, zmq.POLLIN)
+            self.probe()
+        except BaseException:
+            self.close()
+            raise
+
+    def probe(self):
+        """Embed one word on every server, to learn the hidden size and see each one's reply is well-formed."""
+        probe = Request("probe", (), ["probe"])
+        for server in self.servers:
+            server.send(probe)
+        for _ in range(len(self.servers)):
+            server, request, embedding, tokens = self.receive()
+            check_reply(server, request, embedding, tokens, self.hidden)
+            self.hidden = embedding.shape[2]
+        self.orphans.clear()
+
+    @property
+    def slots(self):
+        return self.slots_per_server * len(self.servers)
+
+    def has_room(self):
+        return any(len(s.in_flight) < self.slots_per_server for s in self.servers)
+
+    @property
+    def busy(self):
+        return any(s.in_flight for s in self.servers)
+
+    def submit(self, request):
+        """Send a batch to the server with the fewest batches in flight."""
+        min(self.servers, key=lambda s: len(s.in_flight)).send(request)
+
+    def receive(self):
+        """Wait for the next reply from any server; return (server, request, embedding, tokens).
+
+        A server that stays silent for ``timeout`` seconds while it has work is dropped
+        and its batches are queued in ``orphans``; with no server left the run fails.
+        """
+        while True:
+            now = time.monotonic()
+            busy = [s for s in self.servers if s.in_flight]
+            wait = min(s.last_heard + self.timeout for s in busy) - now
+            ready = dict(self.poller.poll(max(0.0, wait) * 1000))
+            for server in busy:
+                if server.client.receiver in ready:
+                    response = server.client._recv_ndarray()
+                    request = server.in_flight.pop(response.id)
+                    server.last_heard = time.monotonic()
+                    server.replies += 1
+                    return server, request, response.embedding, response.tokens
+            for server in busy:
+                if server.last_heard + self.timeout <= time.monotonic():
+                    self.drop(server)
+
+    def drop(self, server):
+        """Give up on a silent server and queue its batches for the others."""
+        self.servers.remove(server)
+        self.poller.unregister(server.client.receiver)
+        self.orphans.extend(server.in_flight.values())
+        self.lost.append(server)
+        message = (f"server {server.name} sent no reply for {self.timeout:g} s "
+                   f"(after {server.replies} replies); is it still running?")
+        server.close()
+        if not self.servers:
+            raise RunError(message)
+        warn(message + f" Sending its batches to the {len(self.servers)} other server(s).")
+
+    def close(self):
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+
+def check_reply(server, request, embedding, tokens, hidden):
+    """Raise a RunError unless a reply has one (T, hidden) matrix and one [CLS]…[SEP] piece list per sentence, zero past the pieces."""
+    n = len(request.texts)
+    problem = None
+    if not isinstance(tokens, list) or len(tokens) != n:
+        problem = f"{len(tokens) if isinstance(tokens, list) else 'no'} piece lists for {n} sentences"
+    elif embedding.ndim != 3 or embedding.shape[0] != n or (hidden and embedding.shape[2] != hidden):
+        problem = f"an array of shape {list(embedding.shape)} for {n} sentences of hidden size {hidden or '?'}"
+    elif embedding.dtype not in (np.float32, np.float16):
+        problem = f"an array of dtype {embedding.dtype}"
+    else:
+        for i, pieces in enumerate(tokens):
+            if (not isinstance(pieces, list) or len(pieces) < 2 or len(pieces) > embedding.shape[1]
+                    or pieces[0] != "[CLS]" or pieces[-1] != "[SEP]"):
+                problem = f"a malformed piece list for sentence {i + 1}"
+                break
+            if embedding[i, len(pieces):].any():
+                problem = f"{len(pieces)} pieces but more rows for sentence {i + 1}"
+                break
+    if problem:
+        raise RunError(f"server {server.name} sent a malformed reply (request {request.kind} of {n} sentences): "
+                       f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
+
+
+def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
+    """Yield one (tokens, hidden) array per input line, in input order, keeping every server's queue full.
+
+    Lines are read a chunk at a time; a chunk's windows are sent in order of length, so a
+    server started with -max_seq_len NONE pads little. A window whose pieces do not spell
+    its units as expected (the server's Unicode tables differ from ours) is settled by
+    asking the server for each of its units alone; a window the server truncated leaves
+    its uncovered units for a next window with left context.
+    """
+    limit = pool.limit
+
+    def expected(unit):
+        return basic_tokens(unit, pool.lowercase)
+
+    def estimate(unit):
+        return len(expected(unit))
+
+    known_pieces = {}          # unit text -> the server's pieces for it alone (only units that surprised us)
+    waiting = []               # (window, pieces, rows) that wait for their units' pieces
+    open_lines = collections.deque()
+    queue = collections.deque()
+    numbered = enumerate(lines, 1)
+    exhausted = False
+
+    def handle(window, pieces, rows, parts, touched):
+        """Align one window's pieces; queue what it needs next, or add its rows to ``parts``."""
+        known = [known_pieces.get(unit) for unit in window.units]
+        if all(k is not None for k in known):
+            counts = counts_from_known_pieces(known, pieces)
+            if counts is None or (len(counts) < len(known) and len(pieces) < limit):
+                raise RunError(
+                    f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
+                    f"(tokens {window.units!r}, server pieces {pieces!r}); no output was written")
+        else:
+            counts = align([expected(unit) for unit in window.units], pieces)
+            if counts is None or (len(counts) < len(window.units) and len(pieces) < limit):
+                need = list(dict.fromkeys(u for u, k in zip(window.units, known) if k is None))
+                waiting.append((window, pieces, np.array(rows[:len(pieces)])))
+                queue.appendleft(Request("pieces", (), need))
+                window.sentence.resynced = True
+                return
+        parts.append((window, rows, window.sentence.accept(window, counts, len(pieces))))
+        touched.append(window.sentence)
+
+    while True:
+        while open_lines and open_lines[0].done:
+            sentence = open_lines.popleft()
+            rows = token_rows(sentence, how, pool.hidden)
+            stats.add(sentence, rows)
+            yield rows
+        if pool.orphans:
+            stats.resent += len(pool.orphans)
+            queue.extendleft(reversed(pool.orphans))
+            pool.orphans.clear()
+        if not exhausted and len(queue) < batch_size * pool.slots and len(open_lines) < 2 * chunk_lines:
+            fresh, read = [], 0
+            for number, line in itertools.islice(numbered, chunk_lines):
+                read += 1
+                sentence = Sentence(number, line.split(), estimate, expected)
+                open_lines.append(sentence)
+                fresh.extend(sentence.plan(limit))
+            exhausted = read < chunk_lines
+            fresh.sort(key=lambda w: sum(w.sentence.pieces_of(i) for i in range(w.start, w.end)))
+            queue.extend(embed_requests(fresh, batch_size))
+            continue
+        while queue and pool.has_room():
+            pool.submit(queue.popleft())
+        if not pool.busy:
+            if exhausted and not open_lines:
+                return
+            continue
+        server, request, embedding, tokens = pool.receive()
+        check_reply(server, request, embedding, tokens, pool.hidden)
+        if request.kind == "pieces":
+            for unit, pieces in zip(request.texts, tokens):
+                known_pieces[unit] = pieces[1:-1]
+            parked, waiting[:] = waiting[:], []
+            parts, touched = [], []
+            for window, pieces, rows in parked:
+                handle(window, pieces, rows, parts, touched)
+        else:
+            parts, touched = [], []
+            for window, rows, pieces in zip(request.windows, embedding[:, 1:], tokens):
+                handle(window, pieces[1:-1], rows, parts, touched)
+        merge_parts(parts, how)
+        for sentence in touched:
+            if sentence.in_flight == 0 and not sentence.done:
+                queue.extendleft(reversed(embed_requests(sentence.plan(limit), batch_size)))
+
+
+class Stats:
+    """What the one-line summary reports."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
+        self.cut_tokens = self.resent = 0
+
+    def add(self, sentence, rows):
+        self.lines += 1
+        self.tokens += len(sentence.tokens)
+        pieces = np.bincount(sentence.owner, weights=sentence.counts, minlength=len(sentence.tokens))
+        self.empty_tokens += int((pieces == 0).sum())
+        self.long_lines += sentence.windows > 1
+        self.resynced += sentence.resynced
+        self.cut_tokens += sentence.truncated_units
+
+    def summary(self, output):
+        seconds = time.monotonic() - self.started
+        text = (f"{self.lines} lines, {self.tokens} tokens ({self.empty_tokens} with no word piece, zero rows), "
+                f"{self.long_lines} lines needed extra windows, {seconds:.1f} s -> {output}")
+        if self.resynced:
+            text += f"; {self.resynced} lines re-aligned by asking the server per token"
+        if self.cut_tokens:
+            text += f"; {self.cut_tokens} words longer than a window kept only the pieces that fit"
+        if self.resent:
+            text += f"; {self.resent} batches re-sent after a server was lost"
+        return text
+
+
+# ---------------------------------------------------------------- write the output
+
+class AtomicFile:
+    """A temporary file beside ``path``: ``commit`` renames it over ``path``, ``discard`` removes it."""
+
+    def __init__(self, path):
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UsageError(f"output {path} is a directory; give a file name with -o")
+        if not os.path.isdir(directory):
+            raise UsageError(f"output directory {directory} does not exist; create it or choose another -o")
+        try:
+            fd, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        except OSError as err:
+            raise UsageError(f"cannot write in {directory} ({err.strerror}); choose another -o") from None
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self):
+        self.file.close()
+        os.replace(self.temporary, self.path)
+        self.temporary = None
+
+    def discard(self):
+        if self.temporary:
+            self.file.close()
+            os.unlink(self.temporary)
+            self.temporary = None
+
+
+class PickleWriter:
+    """Writes the arrays as one pickled list, a batch at a time, so memory does not grow with the input.
+
+    The stream is protocol 3: PROTO, EMPTY_LIST, then MARK <items> APPENDS per batch, then
+    STOP; ``pickle.load`` reads it back as one list.
+    """
+
+    def __init__(self, path, hidden, batch=256):
+        self.out = AtomicFile(path)
+        self.pending = []
+        self.batch = batch
+        self.out.file.write(b"\x80\x03]")
+
+    def write(self, array):
+        self.pending.append(array)
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            # Each item's own pickle without its PROTO header and STOP; protocol 3 has no frames to break.
+            items = b"".join(pickle.dumps(a, protocol=3)[2:-1] for a in self.pending)
+            self.out.file.write(b"(" + items + b"e")
+            self.pending = []
+
+    def commit(self):
+        self.flush()
+        self.out.file.write(b".")
+        self.out.commit()
+
+    def discard(self):
+        self.out.discard()
+
+
+class NpyWriter:
+    """Writes every token row as one float32 matrix NAME.npy, and NAME.offsets.npy: line i is rows offsets[i]:offsets[i+1].
+
+    Both open with ``np.load(..., mmap_mode="r")``. The matrix header is rewritten with
+    the final row count when the run ends.
+    """
+
+    HEADER = 128
+
+    def __init__(self, path, hidden):
+        self.hidden = hidden
+        self.out = AtomicFile(path)
+        self.index = AtomicFile(offsets_path(path))
+        self.offsets = [0]
+        self.out.file.write(self.header(0))
+
+    def header(self, rows):
+        text = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, self.hidden)})
+        size = self.HEADER - 10
+        return b"\x93NUMPY\x01\x00" + size.to_bytes(2, "little") + text.ljust(size - 1).encode("latin1") + b"\n"
+
+    def write(self, array):
+        self.out.file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+        self.offsets.append(self.offsets[-1] + len(array))
+
+    def commit(self):
+        self.out.file.seek(0)
+        self.out.file.write(self.header(self.offsets[-1]))
+        np.save(self.index.file, np.asarray(self.offsets, dtype=np.int64))
+        self.index.commit()
+        self.out.commit()
+
+    def discard(self):
+        self.out.discard()
+        self.index.discard()
+
+
+def offsets_path(path):
+    """NAME.offsets.npy beside NAME.npy."""
+    return path[:-len(".npy")] + ".offsets.npy"
+
+
+# ---------------------------------------------------------------- command line
+
+def warn(message):
+    print(f"bert_token_embed: warning: {message}", file=sys.stderr)
+
+
+HELP_EPILOG = """\
+examples:
+  python bert_token_embed.py input.txt --model PATH        # no server: run a BERT model in this process
+  python bert_token_embed.py input.txt --merge last        # ask the bert-serving-server on localhost:5555/5556
+  cat corpus.txt | python bert_token_embed.py - -o corpus.npy --server gpu1 --server gpu2:6000
+
+The server must run with -pooling_strategy NONE -show_tokens_to_client (and, for speed,
+-max_seq_len NONE). Output: a pickled list with one float32 array per input line, of shape
+(tokens in the line, hidden size); a NAME.npy output is one matrix of all rows plus
+NAME.offsets.npy. Exit status: 0 done, 2 usage, input or server configuration error,
+1 failure during the run, 130/143 interrupted.
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="bert_token_embed.py",
+        description="Turn each whitespace token of each input line into one BERT vector: the rows of the "
+                    "token's word pieces merged into one.",
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", nargs="?", default="input.txt",
+                        help="UTF-8 text, one sentence per line, tokens separated by whitespace; - reads standard input "
+                             "(default: input.txt)")
+    parser.add_argument("-o", "--output", default="output.pkl",
+                        help="where to write: a .pkl pickle (default: output.pkl), or NAME.npy for a memory-mappable "
+                             "matrix plus NAME.offsets.npy")
+    parser.add_argument("--merge", choices=MERGES, default="mean",
+                        help="how a token's piece rows become one row: mean (default), last, first, sum or max")
+    server = parser.add_argument_group("server mode (bert-serving-server)")
+    server.add_argument("--server", action="append", metavar="HOST[:PORT[:PORT_OUT]]",
+                        help="a bert-serving-server; repeat to spread the work over several (PORT_OUT defaults to "
+                             "PORT+1)")
+    server.add_argument("--ip", help="the server's host, as in bert-serving-client (default: localhost)")
+    server.add_argument("--port", type=int, help="the server's request port (default: 5555)")
+    server.add_argument("--port-out", type=int, help="the server's result port (default: 5556)")
+    server.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"longest wait for any one reply of a server that has work, before it counts as dead "
+                             f"(default: {DEFAULT_TIMEOUT:g}; raise it for big batches on a slow CPU server). "
+                             f"The start-up check waits at most min(SECONDS, {CONFIG_TIMEOUT:g})")
+    server.add_argument("--in-flight", type=int, default=3, metavar="N",
+                        help="batches waiting at each server at once, so it never idles (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="N",
+                        help="sentences per request (default: 128)")
+    parser.add_argument("--encoding", default="utf-8", help="the input's encoding (default: utf-8)")
+    parser.add_argument("--errors", choices=("strict", "replace", "ignore"), default="strict",
+                        help="what to do with bytes the encoding cannot read: stop with the line number (strict, "
+                             "default), or replace them with U+FFFD, or drop them")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def server_addresses(args):
+    """The servers named by --server, or by --ip/--port/--port-out (default localhost:5555:5556)."""
+    if args.server:
+        if args.ip or args.port or args.port_out:
+            raise UsageError("use either --server or --ip/--port/--port-out, not both")
+        return [parse_server(spec) for spec in args.server]
+    port = args.port or 5555
+    return [(args.ip or "localhost", port, args.port_out or port + 1)]
+
+
+def open_input(path):
+    """A binary stream for the input path, or standard input for "-"."""
+    if path == "-":
+        return sys.stdin.buffer
+    if os.path.isdir(path):
+        raise UsageError(f"input {path} is a directory; give a text file")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"input file {path} not found") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+
+
+def count_lines(path):
+    """The number of lines in a regular file (for the progress bar), or None for standard input."""
+    if path == "-" or not os.path.isfile(path):
+        return None
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def progress_bar(arrays, total, quiet):
+    """Wrap the stream of arrays in a tqdm bar on stderr (lines, tokens/s) unless quiet or tqdm is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return arrays
+    if quiet:
+        return arrays
+
+    def counted():
+        tokens = 0
+        with tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True) as bar:
+            for array in arrays:
+                tokens += len(array)
+                bar.update(1)
+                if bar.n % 64 == 0:
+                    bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s", refresh=False)
+                yield array
+    return counted()
+
+
+def run(args):
+    """Embed the input and write the output; return the summary line."""
+    if args.batch_size < 1 or args.in_flight < 1 or args.timeout <= 0:
+        raise UsageError("--batch-size, --in-flight and --timeout must be positive")
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        raise UsageError(f"unknown encoding {args.encoding!r}") from None
+    writer_class = NpyWriter if args.output.endswith(".npy") else PickleWriter
+    stream = open_input(args.input)
+    stats = Stats()
+    backend = writer = None
+    try:
+        backend = ServerPool(server_addresses(args), args.timeout, args.in_flight)
+        writer = writer_class(args.output, backend.hidden)
+        lines = read_lines(stream, args.input, args.encoding, args.errors)
+        arrays = embed_via_servers(lines, backend, args.merge, args.batch_size, 4096, stats)
+        try:
+            for array in progress_bar(arrays, count_lines(args.input), args.quiet):
+                writer.write(array)
+            writer.commit()
+        except OSError as err:
+            raise RunError(f"could not write {args.output}: {err.strerror or err}") from None
+    finally:
+        if writer:
+            writer.discard()
+        if backend:
+            backend.close()
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    return stats.summary(args.output)
+
+
+def on_signal(number, frame):
+    raise Interrupted(128 + number)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        summary = run(args)
+    except UsageError as err:
+        print(f"bert_token_embed: error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:
+        print(f"bert_token_embed: error: {err}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as err:
+        status = err.args[0] if isinstance(err, Interrupted) else 130
+        print(f"bert_token_embed: interrupted; {args.output} was left as it was", file=sys.stderr)
+        return status
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not args.quiet:
+        print(summary, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
