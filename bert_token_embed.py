@@ -34,6 +34,7 @@ __version__ = "1.0.0"
 DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
+CHUNK_LINES = 4096        # lines read, sorted by length and held at once
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
 
 
@@ -637,9 +638,10 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     while True:
         while open_lines and open_lines[0].done:
             sentence = open_lines.popleft()
-            rows = token_rows(sentence, how, pool.hidden)
-            stats.add(sentence, rows)
-            yield rows
+            pieces = np.bincount(sentence.owner, weights=sentence.counts, minlength=len(sentence.tokens))
+            stats.add(len(sentence.tokens), int((pieces == 0).sum()), sentence.windows,
+                      sentence.resynced, sentence.truncated_units)
+            yield token_rows(sentence, how, pool.hidden)
         if pool.orphans:
             stats.resent += len(pool.orphans)
             queue.extendleft(reversed(pool.orphans))
@@ -680,6 +682,150 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
                 queue.extendleft(reversed(embed_requests(sentence.plan(limit), batch_size)))
 
 
+# ---------------------------------------------------------------- run a model in this process (--model)
+
+def parse_layers(text):
+    """"-2" or "-1,-2,-3,-4" -> a tuple of hidden-state indices (as Hugging Face counts: 0 = embeddings, -1 = last layer)."""
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--layer {text}: expected integers separated by commas, e.g. -2 or -1,-2,-3,-4") from None
+    return layers
+
+
+def word_windows(word_ids, limit):
+    """Split a sentence's pieces into windows of at most ``limit``: (start, keep_from, keep_to) piece offsets.
+
+    Each piece is kept from exactly one window. Windows end at a word boundary where a
+    whole word fits, and after the first they begin with up to limit // 4 pieces of
+    whole words of left context, as in server mode.
+    """
+    n = len(word_ids)
+    starts = [p for p in range(n) if p == 0 or word_ids[p] != word_ids[p - 1]]
+    windows, keep_from = [], 0
+    while keep_from < n:
+        start = min((s for s in starts if keep_from - limit // 4 <= s <= keep_from), default=keep_from)
+        ends = [s for s in starts + [n] if keep_from < s <= start + limit]
+        if not ends and start < keep_from:
+            start = keep_from
+            ends = [s for s in starts + [n] if keep_from < s <= start + limit]
+        keep_to = max(ends) if ends else start + limit
+        windows.append((start, keep_from, keep_to))
+        keep_from = keep_to
+    return windows
+
+
+class LocalModel:
+    """A Hugging Face model with a fast tokenizer, run in this process, mapping pieces to tokens with ``word_ids``."""
+
+    def __init__(self, name, layers, device, max_seq_len):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise UsageError("--model needs torch and transformers: "
+                             "pip install -r requirements.txt -r requirements-local.txt") from None
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.torch = torch
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            if "ByteLevel" in str(getattr(tokenizer, "backend_tokenizer", "") and tokenizer.backend_tokenizer.pre_tokenizer) \
+                    and not getattr(tokenizer, "add_prefix_space", True):
+                # Byte-level BPE (RoBERTa, GPT-2) marks a word start by a space; pre-split words need one.
+                tokenizer = transformers.AutoTokenizer.from_pretrained(name, add_prefix_space=True)
+            model = transformers.AutoModel.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load model {name}: {str(err).splitlines()[0]}") from None
+        if not tokenizer.is_fast:
+            raise UsageError(f"model {name} has no fast tokenizer, which word_ids() needs; convert it with tokenizers")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.layers = layers
+        depth = model.config.num_hidden_layers
+        if any(not -depth - 1 <= layer <= depth for layer in layers):
+            raise UsageError(f"--layer {','.join(map(str, layers))}: model {name} has hidden states "
+                             f"{-depth - 1}..{depth} (0 = embeddings, -1 = last layer)")
+        self.hidden = model.config.hidden_size * len(layers)
+        probe = tokenizer([["a"]], is_split_into_words=True)
+        ids, where = probe.input_ids[0], probe.word_ids(0)
+        self.head, self.tail = ids[:where.index(0)], ids[len(ids) - where[::-1].index(0):]
+        longest = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else \
+            model.config.max_position_embeddings
+        if max_seq_len:
+            longest = min(longest, max_seq_len)
+        self.limit = longest - len(self.head) - len(self.tail)
+        if self.limit < 1:
+            raise UsageError(f"--max-seq-len {max_seq_len} leaves no room for word pieces")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def pieces(self, lines):
+        """Piece ids and word ids (no special tokens) of each line's tokens."""
+        ids, words = [], []
+        filled = [tokens for tokens in lines if tokens]
+        if filled:
+            encoded = self.tokenizer(filled, is_split_into_words=True, add_special_tokens=False)
+            for i in range(len(filled)):
+                ids.append(encoded.input_ids[i])
+                words.append(encoded.word_ids(i))
+        it_ids, it_words = iter(ids), iter(words)
+        return [(next(it_ids), next(it_words)) if tokens else ([], []) for tokens in lines]
+
+    def forward(self, windows):
+        """Hidden-state rows (float32, numpy) of each window's pieces, special tokens removed."""
+        torch = self.torch
+        inputs = [self.head + list(w) + self.tail for w in windows]
+        width = max(map(len, inputs))
+        ids = torch.full((len(inputs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, row in enumerate(inputs):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             output_hidden_states=True)
+            states = torch.cat([out.hidden_states[layer] for layer in self.layers], dim=-1)
+            states = states.float().cpu().numpy()
+        h = len(self.head)
+        return [states[i, h:h + len(w)] for i, w in enumerate(windows)]
+
+    def close(self):
+        pass
+
+
+def embed_locally(lines, model, how, batch_size, chunk_lines, stats):
+    """Yield one (tokens, hidden) array per input line, in input order, from the in-process model.
+
+    A chunk of lines is tokenized at once, cut into windows of at most the model's
+    length, sorted by length so batches carry little padding, and merged per token.
+    """
+    numbered = iter(lines)
+    while True:
+        chunk = [line.split() for line in itertools.islice(numbered, chunk_lines)]
+        if not chunk:
+            return
+        encoded = model.pieces(chunk)
+        rows = [np.zeros((len(ids), model.hidden), dtype=np.float32) for ids, _ in encoded]
+        windows, per_line = [], []
+        for k, (ids, words) in enumerate(encoded):
+            planned = word_windows(words, model.limit)
+            per_line.append(len(planned))
+            windows.extend((k, start, keep_from, keep_to, ids[start:start + model.limit])
+                           for start, keep_from, keep_to in planned)
+        windows.sort(key=lambda w: len(w[4]))
+        for first in range(0, len(windows), batch_size):
+            batch = windows[first:first + batch_size]
+            for (k, start, keep_from, keep_to, _), states in zip(batch, model.forward([w[4] for w in batch])):
+                rows[k][keep_from:keep_to] = states[keep_from - start:keep_to - start]
+        for tokens, (ids, words), piece_rows, n_windows in zip(chunk, encoded, rows, per_line):
+            counts = np.bincount(np.asarray(words, dtype=np.int64), minlength=len(tokens))
+            stats.add(len(tokens), int((counts == 0).sum()), n_windows)
+            yield merge_segments(piece_rows, counts, how)
+
+
 class Stats:
     """What the one-line summary reports."""
 
@@ -688,14 +834,13 @@ class Stats:
         self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
         self.cut_tokens = self.resent = 0
 
-    def add(self, sentence, rows):
+    def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
         self.lines += 1
-        self.tokens += len(sentence.tokens)
-        pieces = np.bincount(sentence.owner, weights=sentence.counts, minlength=len(sentence.tokens))
-        self.empty_tokens += int((pieces == 0).sum())
-        self.long_lines += sentence.windows > 1
-        self.resynced += sentence.resynced
-        self.cut_tokens += sentence.truncated_units
+        self.tokens += tokens
+        self.empty_tokens += empty_tokens
+        self.long_lines += windows > 1
+        self.resynced += resynced
+        self.cut_tokens += cut_tokens
 
     def summary(self, output):
         seconds = time.monotonic() - self.started
@@ -863,6 +1008,17 @@ def build_parser():
                              f"The start-up check waits at most min(SECONDS, {CONFIG_TIMEOUT:g})")
     server.add_argument("--in-flight", type=int, default=3, metavar="N",
                         help="batches waiting at each server at once, so it never idles (default: 3)")
+    local = parser.add_argument_group("embedded mode (no server; needs requirements-local.txt)")
+    local.add_argument("--model", metavar="PATH_OR_NAME",
+                       help="run this Hugging Face model in-process instead of asking a server: a local model "
+                            "directory, or a hub name where this machine can download")
+    local.add_argument("--layer", default="-2", metavar="L[,L...]",
+                       help="hidden layer(s) to return, as Hugging Face counts them (0 = embeddings, -1 = last); "
+                            "several are concatenated in the order given (default: -2, as bert-serving-server)")
+    local.add_argument("--device", default="auto",
+                       help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
+    local.add_argument("--max-seq-len", type=int, metavar="N",
+                       help="longest window in pieces, special tokens included (default: the model's maximum)")
     parser.add_argument("--batch-size", type=int, default=128, metavar="N",
                         help="sentences per request (default: 128)")
     parser.add_argument("--encoding", default="utf-8", help="the input's encoding (default: utf-8)")
@@ -944,10 +1100,16 @@ def run(args):
     stats = Stats()
     backend = writer = None
     try:
-        backend = ServerPool(server_addresses(args), args.timeout, args.in_flight)
-        writer = writer_class(args.output, backend.hidden)
         lines = read_lines(stream, args.input, args.encoding, args.errors)
-        arrays = embed_via_servers(lines, backend, args.merge, args.batch_size, 4096, stats)
+        if args.model:
+            if args.server or args.ip or args.port or args.port_out:
+                raise UsageError("--model runs the model in this process; leave out --server/--ip/--port/--port-out")
+            backend = LocalModel(args.model, parse_layers(args.layer), args.device, args.max_seq_len)
+            arrays = embed_locally(lines, backend, args.merge, args.batch_size, CHUNK_LINES, stats)
+        else:
+            backend = ServerPool(server_addresses(args), args.timeout, args.in_flight)
+            arrays = embed_via_servers(lines, backend, args.merge, args.batch_size, CHUNK_LINES, stats)
+        writer = writer_class(args.output, backend.hidden)
         try:
             for array in progress_bar(arrays, count_lines(args.input), args.quiet):
                 writer.write(array)
