@@ -215,6 +215,7 @@ class Sentence:
         self.counts = [0] * len(tokens)
         self.covered = [False] * len(tokens)
         self.retries = [0] * len(tokens)                 # 0, RETRY_ALONE or RETRY_SPLIT
+        self.seen_pieces = self.seen_estimate = 0        # over covered units, to scale the estimates
         self.truncated_units = 0
         self.resynced = False
         self.in_flight = 0
@@ -225,8 +226,10 @@ class Sentence:
         return self.in_flight == 0 and all(self.covered)
 
     def pieces_of(self, i):
-        """The unit's piece count if known, else its lower bound."""
-        return self.known[i] if self.known[i] is not None else self.estimate[i]
+        """The unit's piece count if known, else its lower bound scaled by the pieces per basic token seen so far."""
+        if self.known[i] is not None:
+            return self.known[i]
+        return max(self.estimate[i], self.estimate[i] * self.seen_pieces // max(self.seen_estimate, 1))
 
     def split_unit(self, i, parts):
         """Replace unit i by several units, all owned by the same token."""
@@ -252,8 +255,10 @@ class Sentence:
         taken, offset = [], 0
         for k, count in enumerate(counts):
             i = window.start + k
-            self.known[i] = count
             if i >= window.own and not self.covered[i]:
+                self.known[i] = count
+                self.seen_pieces += count
+                self.seen_estimate += self.estimate[i]
                 self.covered[i] = True
                 taken.append((i, offset, count))
             offset += count
@@ -892,7 +897,7 @@ class PickleWriter:
     STOP; ``pickle.load`` reads it back as one list.
     """
 
-    def __init__(self, path, hidden, batch=256):
+    def __init__(self, path, batch=256):
         self.out = AtomicFile(path)
         self.pending = []
         self.batch = batch
@@ -910,7 +915,7 @@ class PickleWriter:
             self.out.file.write(b"(" + items + b"e")
             self.pending = []
 
-    def commit(self):
+    def commit(self, hidden):
         self.flush()
         self.out.file.write(b".")
         self.out.commit()
@@ -928,15 +933,14 @@ class NpyWriter:
 
     HEADER = 128
 
-    def __init__(self, path, hidden):
-        self.hidden = hidden
+    def __init__(self, path):
         self.out = AtomicFile(path)
         self.index = AtomicFile(offsets_path(path))
         self.offsets = [0]
-        self.out.file.write(self.header(0))
+        self.out.file.write(self.header(0, 0))
 
-    def header(self, rows):
-        text = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, self.hidden)})
+    def header(self, rows, hidden):
+        text = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, hidden)})
         size = self.HEADER - 10
         return b"\x93NUMPY\x01\x00" + size.to_bytes(2, "little") + text.ljust(size - 1).encode("latin1") + b"\n"
 
@@ -944,9 +948,9 @@ class NpyWriter:
         self.out.file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
         self.offsets.append(self.offsets[-1] + len(array))
 
-    def commit(self):
+    def commit(self, hidden):
         self.out.file.seek(0)
-        self.out.file.write(self.header(self.offsets[-1]))
+        self.out.file.write(self.header(self.offsets[-1], hidden))
         np.save(self.index.file, np.asarray(self.offsets, dtype=np.int64))
         self.index.commit()
         self.out.commit()
@@ -1087,8 +1091,8 @@ def progress_bar(arrays, total, quiet):
     return counted()
 
 
-def run(args):
-    """Embed the input and write the output; return the summary line."""
+def run(args, stats):
+    """Embed the input and write the output, counting in ``stats``."""
     if args.batch_size < 1 or args.in_flight < 1 or args.timeout <= 0:
         raise UsageError("--batch-size, --in-flight and --timeout must be positive")
     try:
@@ -1097,9 +1101,9 @@ def run(args):
         raise UsageError(f"unknown encoding {args.encoding!r}") from None
     writer_class = NpyWriter if args.output.endswith(".npy") else PickleWriter
     stream = open_input(args.input)
-    stats = Stats()
     backend = writer = None
     try:
+        writer = writer_class(args.output)
         lines = read_lines(stream, args.input, args.encoding, args.errors)
         if args.model:
             if args.server or args.ip or args.port or args.port_out:
@@ -1109,11 +1113,10 @@ def run(args):
         else:
             backend = ServerPool(server_addresses(args), args.timeout, args.in_flight)
             arrays = embed_via_servers(lines, backend, args.merge, args.batch_size, CHUNK_LINES, stats)
-        writer = writer_class(args.output, backend.hidden)
         try:
             for array in progress_bar(arrays, count_lines(args.input), args.quiet):
                 writer.write(array)
-            writer.commit()
+            writer.commit(backend.hidden)
         except OSError as err:
             raise RunError(f"could not write {args.output}: {err.strerror or err}") from None
     finally:
@@ -1123,7 +1126,6 @@ def run(args):
             backend.close()
         if stream is not sys.stdin.buffer:
             stream.close()
-    return stats.summary(args.output)
 
 
 def on_signal(number, frame):
@@ -1133,13 +1135,15 @@ def on_signal(number, frame):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, on_signal)
+    stats = Stats()
     try:
-        summary = run(args)
+        run(args, stats)
     except UsageError as err:
         print(f"bert_token_embed: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"bert_token_embed: error: {err}", file=sys.stderr)
+        print(f"bert_token_embed: error: {err} ({stats.lines} lines were done; {args.output} was left as it was)",
+              file=sys.stderr)
         return 1
     except (Interrupted, KeyboardInterrupt) as err:
         status = err.args[0] if isinstance(err, Interrupted) else 130
@@ -1148,7 +1152,7 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
-        print(summary, file=sys.stderr)
+        print(stats.summary(args.output), file=sys.stderr)
     return 0
 
 
