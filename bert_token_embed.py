@@ -35,6 +35,7 @@ DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence ba
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
 CHUNK_LINES = 4096        # lines read, sorted by length and held at once
+FIRST_CHUNK_LINES = 512
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
 
 
@@ -130,6 +131,8 @@ def basic_tokens(token, lowercase):
     Each basic token becomes either a run of word pieces that spell it (``##`` removed) or
     exactly one ``[UNK]``; an empty result means the token gets no piece at all.
     """
+    if token.isascii() and token.isalnum():     # most tokens: nothing to clean, split or strip
+        return (token.lower() if lowercase else token,)
     text = "".join(" " if _is_whitespace(c) else (f" {c} " if _is_cjk(c) else c)
                    for c in token if c != "\0" and c != "\ufffd" and not _is_control(c))
     result = []
@@ -149,6 +152,8 @@ def align(expected, pieces):
     ran out (all of them when none ran out), or None when the pieces do not spell the
     units: the server tokenized differently from what we expected.
     """
+    if [word for unit in expected for word in unit] == pieces:   # every basic token is one piece
+        return [len(unit) for unit in expected]
     counts = []
     p = 0
     for unit in expected:
@@ -196,6 +201,31 @@ def counts_from_known_pieces(known, pieces):
 RETRY_ALONE, RETRY_SPLIT = 1, 2
 
 
+class PieceCounter:
+    """What server mode knows of a unit before the server answers: its basic tokens, and its piece count if seen before.
+
+    Words repeat, so counts learnt from earlier replies make the length estimates, and
+    with them the length-sorted batches, nearly exact after the first few batches.
+    """
+
+    def __init__(self, lowercase, capacity=1 << 20):
+        self.lowercase = lowercase
+        self.capacity = capacity
+        self.seen = {}
+
+    def basic(self, unit):
+        return basic_tokens(unit, self.lowercase)
+
+    def estimates(self, units):
+        """Pieces each unit has: exact when seen before, else at least one per basic token."""
+        seen, lowercase = self.seen, self.lowercase
+        return [seen[u] if u in seen else len(basic_tokens(u, lowercase)) for u in units]
+
+    def learn(self, units, counts):
+        if len(self.seen) < self.capacity:
+            self.seen.update(zip(units, counts))
+
+
 class Sentence:
     """One input line on its way to token rows.
 
@@ -203,13 +233,13 @@ class Sentence:
     window, that token's basic tokens. Each unit gets one merged row and a piece count.
     """
 
-    def __init__(self, number, tokens, estimate, split):
+    def __init__(self, number, tokens, counter):
         self.number = number
-        self.split = split                               # a unit's basic tokens, for a unit too long for a window
+        self.counter = counter
         self.tokens = tokens
         self.units = list(tokens)
         self.owner = list(range(len(tokens)))
-        self.estimate = [estimate(t) for t in tokens]   # pieces a unit has at least
+        self.estimate = counter.estimates(tokens)
         self.known = [None] * len(tokens)                # pieces a unit has, once a window covered it
         self.rows = [None] * len(tokens)
         self.counts = [0] * len(tokens)
@@ -218,12 +248,20 @@ class Sentence:
         self.seen_pieces = self.seen_estimate = 0        # over covered units, to scale the estimates
         self.truncated_units = 0
         self.resynced = False
+        self.block = None                                # all rows at once, when one window held the sentence
         self.in_flight = 0
         self.windows = 0
 
     @property
     def done(self):
         return self.in_flight == 0 and all(self.covered)
+
+    def empty_tokens(self):
+        """How many tokens got no piece at all."""
+        if len(self.units) == len(self.tokens):
+            return self.counts.count(0)
+        pieces = np.bincount(self.owner, weights=self.counts, minlength=len(self.tokens))
+        return int((pieces == 0).sum())
 
     def pieces_of(self, i):
         """The unit's piece count if known, else its lower bound scaled by the pieces per basic token seen so far."""
@@ -244,43 +282,48 @@ class Sentence:
         self.retries[i:i + 1] = [0] * n
 
     def accept(self, window, counts, n_pieces):
-        """Mark the units a window's reply covered; return (unit, piece offset, piece count) for the rows to keep.
+        """Mark the units a window's reply covered; return (first unit, piece offset, piece counts) of the rows to keep.
 
-        ``counts`` are the piece counts of the window's leading units that came back whole.
-        When no unit of its own came back whole, the first is retried without context;
-        if it failed alone it is split into its basic tokens at the next plan, or, when it
-        cannot be split, kept with the pieces that fit.
+        ``counts`` are the piece counts of the window's leading units that came back whole;
+        the kept units are the whole ones after the context. When none came back whole,
+        the first is retried without context; if it failed alone it is split into its
+        basic tokens at the next plan, or, when it cannot be split, kept with the pieces
+        that fit. Returns None when nothing is kept.
         """
         self.in_flight -= 1
-        taken, offset = [], 0
-        for k, count in enumerate(counts):
-            i = window.start + k
-            if i >= window.own and not self.covered[i]:
-                self.known[i] = count
-                self.seen_pieces += count
-                self.seen_estimate += self.estimate[i]
-                self.covered[i] = True
-                taken.append((i, offset, count))
-            offset += count
-        if window.start + len(counts) <= window.own < window.end:
-            stuck = window.own
-            if window.start < stuck:
-                self.retries[stuck] = RETRY_ALONE
-            elif len(self.split(self.units[stuck])) > 1:
-                self.retries[stuck] = RETRY_SPLIT
-            else:
-                self.covered[stuck] = True
-                self.truncated_units += 1
-                taken.append((stuck, 0, n_pieces))
-        return taken
+        context = window.own - window.start
+        kept = counts[context:]
+        if kept:
+            i, j = window.own, window.own + len(kept)
+            self.known[i:j] = kept
+            self.covered[i:j] = [True] * len(kept)
+            self.counter.learn(self.units[i:j], kept)
+            self.seen_pieces += sum(kept)
+            self.seen_estimate += sum(self.estimate[i:j])
+            return window.own, sum(counts[:context]), kept
+        stuck = window.own
+        if window.start < stuck:
+            self.retries[stuck] = RETRY_ALONE
+        elif len(self.counter.basic(self.units[stuck])) > 1:
+            self.retries[stuck] = RETRY_SPLIT
+        else:
+            self.covered[stuck] = True
+            self.truncated_units += 1
+            return stuck, 0, [n_pieces]
+        return None
 
     def plan(self, limit):
         """Windows that cover the uncovered units, each within ``limit`` pieces by estimate, with left context."""
         for i in reversed(range(len(self.units))):
             if self.retries[i] == RETRY_SPLIT:
-                self.split_unit(i, list(self.split(self.units[i])))
+                self.split_unit(i, list(self.counter.basic(self.units[i])))
+        n = len(self.units)
+        if n and not self.windows and sum(self.estimate) <= limit:   # most sentences: one window, no context
+            windows = [Window(self, 0, 0, n, sum(self.estimate))]
+            self.windows = self.in_flight = 1
+            return windows
         windows = []
-        own, n = 0, len(self.units)
+        own = 0
         while own < n:
             if self.covered[own]:
                 own += 1
@@ -296,15 +339,15 @@ class Sentence:
             while end < n and not self.covered[end] and (end == own or used + self.pieces_of(end) <= limit):
                 used += self.pieces_of(end)
                 end += 1
-            windows.append(Window(self, start, own, end))
+            windows.append(Window(self, start, own, end, used))
             own = end
         self.windows += len(windows)
         self.in_flight += len(windows)
         return windows
 
 
-class Window(collections.namedtuple("Window", "sentence start own end")):
-    """Units [start, end) of a sentence, sent as one text; rows are kept for units from ``own`` on (the rest is context)."""
+class Window(collections.namedtuple("Window", "sentence start own end size")):
+    """Units [start, end) of a sentence, sent as one text, of about ``size`` pieces; rows are kept for units from ``own`` on (the rest is context)."""
 
     __slots__ = ()
 
@@ -319,28 +362,39 @@ MERGES = ("mean", "last", "first", "sum", "max")
 
 
 def merge_segments(rows, counts, how):
-    """One row per segment of consecutive ``rows`` (segment k has ``counts[k]`` rows); an empty segment gives a zero row."""
+    """One row per segment of consecutive ``rows`` (segment k has ``counts[k]`` rows); an empty segment gives a zero row.
+
+    Segments are short (most tokens are one piece), so the loop runs over the piece
+    position within a segment and each step is one gather over all segments still
+    that long: several times faster than ``np.add.reduceat`` along axis 0.
+    """
     counts = np.asarray(counts, dtype=np.int64)
-    out = np.zeros((len(counts), rows.shape[1]), dtype=np.float32)
-    filled = counts > 0
-    if not filled.any():
-        return out
-    ends = np.cumsum(counts)
-    starts = (ends - counts)[filled]
+    filled = np.flatnonzero(counts)
+    starts = (np.cumsum(counts) - counts)[filled]
+    sizes = counts[filled]
     if how == "first":
-        out[filled] = rows[starts]
+        merged = rows[starts]
     elif how == "last":
-        out[filled] = rows[ends[filled] - 1]
-    elif how == "max":
-        out[filled] = np.maximum.reduceat(rows, starts, axis=0)
+        merged = rows[starts + sizes - 1]
     else:
-        total = np.add.reduceat(rows, starts, axis=0)
-        out[filled] = total if how == "sum" else total / counts[filled, None]
+        merged = rows[starts].astype(np.float32)
+        combine = np.maximum if how == "max" else np.add
+        for k in range(1, int(sizes.max(initial=1))):
+            longer = np.flatnonzero(sizes > k)
+            merged[longer] = combine(merged[longer], rows[starts[longer] + k])
+        if how == "mean":
+            merged /= sizes[:, None]
+    if len(filled) == len(counts):
+        return merged.astype(np.float32, copy=False)
+    out = np.zeros((len(counts), rows.shape[1]), dtype=np.float32)
+    out[filled] = merged
     return out
 
 
 def token_rows(sentence, how, hidden):
     """A finished sentence's rows, one per token: unit rows, with the units of a split token merged again."""
+    if sentence.block is not None:
+        return sentence.block
     n = len(sentence.tokens)
     zero = np.zeros(hidden, dtype=np.float32)
     rows = np.stack([zero if r is None else r for r in sentence.rows]) if sentence.units else np.zeros((0, hidden), np.float32)
@@ -358,23 +412,25 @@ def token_rows(sentence, how, hidden):
 
 
 def merge_parts(parts, how):
-    """Merge the kept pieces of every window of one reply with a single numpy reduction, and store each unit's row.
+    """Merge the kept pieces of every window of one reply with a single numpy reduction, and store the rows.
 
-    ``parts`` holds, per window, its piece rows (row 0 = first piece) and the
-    (unit, piece offset, piece count) triples that ``Sentence.accept`` returned.
+    ``parts`` holds, per window, its piece rows (row 0 = first piece) and what
+    ``Sentence.accept`` kept: (first unit, piece offset, piece counts).
     """
-    slices, counts, owners = [], [], []
-    for window, rows, taken in parts:
-        if taken:
-            slices.append(rows[taken[0][1]:taken[-1][1] + taken[-1][2]])
-            counts.extend(count for _, _, count in taken)
-            owners.extend((window.sentence, unit) for unit, _, _ in taken)
-    if not slices:
+    if not parts:
         return
-    merged = merge_segments(np.concatenate(slices).astype(np.float32, copy=False), counts, how)
-    for (sentence, unit), row, count in zip(owners, merged, counts):
-        sentence.rows[unit] = row
-        sentence.counts[unit] = count
+    slices = [rows[offset:offset + sum(counts)] for _, rows, (_, offset, counts) in parts]
+    merged = merge_segments(np.concatenate(slices), [c for _, _, (_, _, counts) in parts for c in counts], how)
+    k = 0
+    for window, _, (first, _, counts) in parts:
+        sentence, n = window.sentence, len(counts)
+        if n == len(sentence.units):   # the whole sentence in one window: its rows as one block
+            sentence.block = merged[k:k + n]
+            sentence.counts = counts
+        else:
+            sentence.rows[first:first + n] = list(merged[k:k + n])
+            sentence.counts[first:first + n] = counts
+        k += n
 
 
 # ---------------------------------------------------------------- talk to bert-serving-servers
@@ -606,12 +662,9 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     its uncovered units for a next window with left context.
     """
     limit = pool.limit
-
-    def expected(unit):
-        return basic_tokens(unit, pool.lowercase)
-
-    def estimate(unit):
-        return len(expected(unit))
+    counter = PieceCounter(pool.lowercase)
+    expected = counter.basic
+    chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones are sorted with learnt counts
 
     known_pieces = {}          # unit text -> the server's pieces for it alone (only units that surprised us)
     waiting = []               # (window, pieces, rows) that wait for their units' pieces
@@ -622,44 +675,46 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
 
     def handle(window, pieces, rows, parts, touched):
         """Align one window's pieces; queue what it needs next, or add its rows to ``parts``."""
-        known = [known_pieces.get(unit) for unit in window.units]
-        if all(k is not None for k in known):
-            counts = counts_from_known_pieces(known, pieces)
-            if counts is None or (len(counts) < len(known) and len(pieces) < limit):
-                raise RunError(
-                    f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
-                    f"(tokens {window.units!r}, server pieces {pieces!r}); no output was written")
-        else:
-            counts = align([expected(unit) for unit in window.units], pieces)
-            if counts is None or (len(counts) < len(window.units) and len(pieces) < limit):
-                need = list(dict.fromkeys(u for u, k in zip(window.units, known) if k is None))
+        units = window.units
+        counts = align([expected(unit) for unit in units], pieces)
+        if counts is None or (len(counts) < len(units) and len(pieces) < limit):
+            known = [known_pieces.get(unit) for unit in units]
+            if any(k is None for k in known):
+                need = list(dict.fromkeys(u for u, k in zip(units, known) if k is None))
                 waiting.append((window, pieces, np.array(rows[:len(pieces)])))
                 queue.appendleft(Request("pieces", (), need))
                 window.sentence.resynced = True
                 return
-        parts.append((window, rows, window.sentence.accept(window, counts, len(pieces))))
+            counts = counts_from_known_pieces(known, pieces)
+            if counts is None or (len(counts) < len(known) and len(pieces) < limit):
+                raise RunError(
+                    f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
+                    f"(tokens {units!r}, server pieces {pieces!r}); no output was written")
+        kept = window.sentence.accept(window, counts, len(pieces))
+        if kept:
+            parts.append((window, rows, kept))
         touched.append(window.sentence)
 
     while True:
         while open_lines and open_lines[0].done:
             sentence = open_lines.popleft()
-            pieces = np.bincount(sentence.owner, weights=sentence.counts, minlength=len(sentence.tokens))
-            stats.add(len(sentence.tokens), int((pieces == 0).sum()), sentence.windows,
+            stats.add(len(sentence.tokens), sentence.empty_tokens(), sentence.windows,
                       sentence.resynced, sentence.truncated_units)
             yield token_rows(sentence, how, pool.hidden)
         if pool.orphans:
             stats.resent += len(pool.orphans)
             queue.extendleft(reversed(pool.orphans))
             pool.orphans.clear()
-        if not exhausted and len(queue) < batch_size * pool.slots and len(open_lines) < 2 * chunk_lines:
+        if not exhausted and not queue and len(open_lines) < 2 * chunk_lines:
             fresh, read = [], 0
-            for number, line in itertools.islice(numbered, chunk_lines):
+            for number, line in itertools.islice(numbered, chunk):
                 read += 1
-                sentence = Sentence(number, line.split(), estimate, expected)
+                sentence = Sentence(number, line.split(), counter)
                 open_lines.append(sentence)
                 fresh.extend(sentence.plan(limit))
-            exhausted = read < chunk_lines
-            fresh.sort(key=lambda w: sum(w.sentence.pieces_of(i) for i in range(w.start, w.end)))
+            exhausted = read < chunk
+            chunk = chunk_lines
+            fresh.sort(key=lambda w: w.size)
             queue.extend(embed_requests(fresh, batch_size))
             continue
         while queue and pool.has_room():
@@ -910,9 +965,12 @@ class PickleWriter:
 
     def flush(self):
         if self.pending:
-            # Each item's own pickle without its PROTO header and STOP; protocol 3 has no frames to break.
-            items = b"".join(pickle.dumps(a, protocol=3)[2:-1] for a in self.pending)
-            self.out.file.write(b"(" + items + b"e")
+            write = self.out.file.write
+            write(b"(")
+            for array in self.pending:
+                # The item's own pickle without its PROTO header and STOP; protocol 3 has no frames to break.
+                write(memoryview(pickle.dumps(array, protocol=3))[2:-1])
+            write(b"e")
             self.pending = []
 
     def commit(self, hidden):
