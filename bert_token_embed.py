@@ -14,6 +14,7 @@ plan windows for long sentences -> merge -> talk to servers (or run a local mode
 import argparse
 import codecs
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -572,6 +573,10 @@ class ServerPool:
             self.hidden = embedding.shape[2]
         self.orphans.clear()
 
+    def signature(self):
+        """What decides the rows, for --resume."""
+        return {"lowercase": self.lowercase, "limit": self.limit, "hidden": self.hidden}
+
     @property
     def slots(self):
         return self.slots_per_server * len(self.servers)
@@ -788,6 +793,7 @@ class LocalModel:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         self.torch = torch
+        self.name = name
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
             if "ByteLevel" in str(getattr(tokenizer, "backend_tokenizer", "") and tokenizer.backend_tokenizer.pre_tokenizer) \
@@ -852,6 +858,11 @@ class LocalModel:
         h = len(self.head)
         return [states[i, h:h + len(w)] for i, w in enumerate(windows)]
 
+    def signature(self):
+        """What decides the rows, for --resume."""
+        return {"model": os.path.abspath(self.name) if os.path.isdir(self.name) else self.name,
+                "layers": list(self.layers), "limit": self.limit, "hidden": self.hidden}
+
     def close(self):
         pass
 
@@ -892,7 +903,7 @@ class Stats:
     def __init__(self):
         self.started = time.monotonic()
         self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
-        self.cut_tokens = self.resent = 0
+        self.cut_tokens = self.resent = self.resumed = 0
 
     def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
         self.lines += 1
@@ -910,6 +921,8 @@ class Stats:
             text += f"; {self.resynced} lines re-aligned by asking the server per token"
         if self.cut_tokens:
             text += f"; {self.cut_tokens} words longer than a window kept only the pieces that fit"
+        if self.resumed:
+            text += f"; continued after the {self.resumed} lines of the partial output"
         if self.resent:
             text += f"; {self.resent} batches re-sent after a server was lost"
         return text
@@ -917,10 +930,14 @@ class Stats:
 
 # ---------------------------------------------------------------- write the output
 
-class AtomicFile:
-    """A temporary file beside ``path``: ``commit`` renames it over ``path``, ``discard`` removes it."""
+class StagedFile:
+    """The file written in place of ``path``: renamed over it by ``commit``, removed by ``discard``.
 
-    def __init__(self, path):
+    Its name is random (``.NAME.XXXX.tmp``) beside ``path``, or ``NAME.partial`` with
+    --resume, so that a later run can find and continue it.
+    """
+
+    def __init__(self, path, resume):
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
@@ -928,14 +945,29 @@ class AtomicFile:
         if not os.path.isdir(directory):
             raise UsageError(f"output directory {directory} does not exist; create it or choose another -o")
         try:
-            fd, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            if resume:
+                self.temporary = path + ".partial"
+                fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT, 0o644)
+            else:
+                fd, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                                      suffix=".tmp")
         except OSError as err:
             raise UsageError(f"cannot write in {directory} ({err.strerror}); choose another -o") from None
-        self.file = os.fdopen(fd, "wb")
+        self.file = os.fdopen(fd, "r+b")
+
+    def truncate(self, size):
+        """Drop everything past ``size`` bytes and write from there on."""
+        self.file.seek(size)
+        self.file.truncate()
 
     def commit(self):
         self.file.close()
         os.replace(self.temporary, self.path)
+        self.temporary = None
+
+    def keep(self):
+        """Leave the partial file for --resume."""
+        self.file.close()
         self.temporary = None
 
     def discard(self):
@@ -952,11 +984,19 @@ class PickleWriter:
     STOP; ``pickle.load`` reads it back as one list.
     """
 
-    def __init__(self, path, batch=256):
-        self.out = AtomicFile(path)
+    def __init__(self, path, resume, batch=256):
+        self.files = [StagedFile(path, resume)]
         self.pending = []
         self.batch = batch
-        self.out.file.write(b"\x80\x03]")
+
+    def start(self, hidden):
+        """Begin an empty list."""
+        self.files[0].truncate(0)
+        self.files[0].file.write(b"\x80\x03]")
+
+    def restore(self, sizes, hidden):
+        """Continue a partial stream that held complete batches up to ``sizes``."""
+        self.files[0].truncate(sizes[0])
 
     def write(self, array):
         self.pending.append(array)
@@ -964,63 +1004,138 @@ class PickleWriter:
             self.flush()
 
     def flush(self):
+        """Write the pending items as one batch; return the file sizes, all complete batches."""
+        file = self.files[0].file
         if self.pending:
-            write = self.out.file.write
-            write(b"(")
+            file.write(b"(")
             for array in self.pending:
                 # The item's own pickle without its PROTO header and STOP; protocol 3 has no frames to break.
-                write(memoryview(pickle.dumps(array, protocol=3))[2:-1])
-            write(b"e")
+                file.write(memoryview(pickle.dumps(array, protocol=3))[2:-1])
+            file.write(b"e")
             self.pending = []
+        file.flush()
+        return [file.tell()]
 
     def commit(self, hidden):
         self.flush()
-        self.out.file.write(b".")
-        self.out.commit()
-
-    def discard(self):
-        self.out.discard()
+        self.files[0].file.write(b".")
+        self.files[0].commit()
 
 
 class NpyWriter:
     """Writes every token row as one float32 matrix NAME.npy, and NAME.offsets.npy: line i is rows offsets[i]:offsets[i+1].
 
-    Both open with ``np.load(..., mmap_mode="r")``. The matrix header is rewritten with
-    the final row count when the run ends.
+    Both are written as a fixed-size .npy header and a stream of values; the headers
+    get the final shapes when the run ends. Both open with ``np.load(..., mmap_mode="r")``.
     """
 
     HEADER = 128
 
-    def __init__(self, path):
-        self.out = AtomicFile(path)
-        self.index = AtomicFile(offsets_path(path))
-        self.offsets = [0]
-        self.out.file.write(self.header(0, 0))
+    def __init__(self, path, resume):
+        self.files = [StagedFile(path, resume), StagedFile(offsets_path(path), resume)]
+        self.rows = 0
 
-    def header(self, rows, hidden):
-        text = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, hidden)})
-        size = self.HEADER - 10
+    @classmethod
+    def header(cls, descr, shape):
+        text = repr({"descr": descr, "fortran_order": False, "shape": shape})
+        size = cls.HEADER - 10
         return b"\x93NUMPY\x01\x00" + size.to_bytes(2, "little") + text.ljust(size - 1).encode("latin1") + b"\n"
 
+    def start(self, hidden):
+        for staged in self.files:
+            staged.truncate(0)
+            staged.file.write(bytes(self.HEADER))
+        self.write_offset(0)
+
+    def restore(self, sizes, hidden):
+        matrix, index = self.files
+        matrix.truncate(sizes[0])
+        index.truncate(sizes[1] - 8)
+        self.rows = (sizes[0] - self.HEADER) // (4 * hidden)
+        self.write_offset(self.rows)
+
+    def write_offset(self, rows):
+        self.files[1].file.write(np.int64(rows).astype("<i8").tobytes())
+
     def write(self, array):
-        self.out.file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
-        self.offsets.append(self.offsets[-1] + len(array))
+        self.files[0].file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+        self.rows += len(array)
+        self.write_offset(self.rows)
+
+    def flush(self):
+        for staged in self.files:
+            staged.file.flush()
+        return [staged.file.tell() for staged in self.files]
 
     def commit(self, hidden):
-        self.out.file.seek(0)
-        self.out.file.write(self.header(self.offsets[-1], hidden))
-        np.save(self.index.file, np.asarray(self.offsets, dtype=np.int64))
-        self.index.commit()
-        self.out.commit()
-
-    def discard(self):
-        self.out.discard()
-        self.index.discard()
+        matrix, index = self.files
+        lines = (self.flush()[1] - self.HEADER) // 8 - 1
+        matrix.file.seek(0)
+        matrix.file.write(self.header("<f4", (self.rows, hidden)))
+        index.file.seek(0)
+        index.file.write(self.header("<i8", (lines + 1,)))
+        index.commit()
+        matrix.commit()
 
 
 def offsets_path(path):
     """NAME.offsets.npy beside NAME.npy."""
     return path[:-len(".npy")] + ".offsets.npy"
+
+
+class LineLog:
+    """Passes lines through and hashes them once their arrays are written, so --resume can tell its input again."""
+
+    def __init__(self, lines):
+        self.lines = lines
+        self.unhashed = collections.deque()
+        self.hashed = 0
+        self.sha = hashlib.sha256()
+
+    def __iter__(self):
+        for line in self.lines:
+            self.unhashed.append(line)
+            yield line
+
+    def digest_through(self, count):
+        """The hash of the first ``count`` lines (all read already)."""
+        while self.hashed < count:
+            self.sha.update(self.unhashed.popleft().encode("utf-8", "surrogatepass") + b"\n")
+            self.hashed += 1
+        return self.sha.hexdigest()
+
+    def skip(self, count):
+        """Read ``count`` lines without passing them on; return how many there were and their hash."""
+        self.unhashed.extend(itertools.islice(self.lines, count))
+        read = self.hashed + len(self.unhashed)
+        return read, self.digest_through(read)
+
+
+class Checkpoint:
+    """The --resume record beside the output: settings, lines done, their hash, and the partial files' sizes."""
+
+    EVERY = 1024   # lines between records
+
+    def __init__(self, output, settings):
+        self.path = output + ".partial.json"
+        self.settings = settings
+
+    def load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def save(self, lines, digest, sizes):
+        record = {"settings": self.settings, "lines": lines, "sha256": digest, "sizes": sizes}
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(self.path + ".tmp", self.path)
+
+    def remove(self):
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 # ---------------------------------------------------------------- command line
@@ -1087,6 +1202,9 @@ def build_parser():
     parser.add_argument("--errors", choices=("strict", "replace", "ignore"), default="strict",
                         help="what to do with bytes the encoding cannot read: stop with the line number (strict, "
                              "default), or replace them with U+FFFD, or drop them")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep partial work in OUTPUT.partial if the run stops, and continue it when the same "
+                             "command runs again with --resume")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -1149,41 +1267,113 @@ def progress_bar(arrays, total, quiet):
     return counted()
 
 
+def resume_point(checkpoint, writer, log, hidden):
+    """Continue the partial output the checkpoint describes, if it belongs to these settings and this input.
+
+    Returns the number of lines already done (0 when starting over). The first lines of
+    the input are read and hashed to make sure they are the lines the partial output
+    holds; on any mismatch the partial output is thrown away and the run starts over.
+    """
+    record = checkpoint.load()
+    if record is None:
+        return 0
+    if record.get("settings") != checkpoint.settings:
+        warn(f"{checkpoint.path} was made with other options or another server/model; starting over")
+        return 0
+    read, digest = log.skip(record["lines"])
+    if read != record["lines"] or digest != record["sha256"]:
+        raise InputChanged()
+    writer.restore(record["sizes"], hidden)
+    return read
+
+
+class InputChanged(Exception):
+    """The input's first lines are not those the partial output was made from."""
+
+
 def run(args, stats):
     """Embed the input and write the output, counting in ``stats``."""
     if args.batch_size < 1 or args.in_flight < 1 or args.timeout <= 0:
         raise UsageError("--batch-size, --in-flight and --timeout must be positive")
+    if args.model and (args.server or args.ip or args.port or args.port_out):
+        raise UsageError("--model runs the model in this process; leave out --server/--ip/--port/--port-out")
     try:
         codecs.lookup(args.encoding)
     except LookupError:
         raise UsageError(f"unknown encoding {args.encoding!r}") from None
     writer_class = NpyWriter if args.output.endswith(".npy") else PickleWriter
     stream = open_input(args.input)
-    backend = writer = None
+    backend = writer = checkpoint = None
+    written, finished = 0, False
     try:
-        writer = writer_class(args.output)
-        lines = read_lines(stream, args.input, args.encoding, args.errors)
+        writer = writer_class(args.output, args.resume)
         if args.model:
-            if args.server or args.ip or args.port or args.port_out:
-                raise UsageError("--model runs the model in this process; leave out --server/--ip/--port/--port-out")
             backend = LocalModel(args.model, parse_layers(args.layer), args.device, args.max_seq_len)
-            arrays = embed_locally(lines, backend, args.merge, args.batch_size, CHUNK_LINES, stats)
         else:
             backend = ServerPool(server_addresses(args), args.timeout, args.in_flight)
-            arrays = embed_via_servers(lines, backend, args.merge, args.batch_size, CHUNK_LINES, stats)
+        log = LineLog(read_lines(stream, args.input, args.encoding, args.errors))
+        if args.resume:
+            checkpoint = Checkpoint(args.output, {
+                "input": args.input if args.input == "-" else os.path.abspath(args.input),
+                "format": writer_class.__name__, "merge": args.merge, "encoding": args.encoding,
+                "errors": args.errors, "backend": backend.signature()})
+            try:
+                written = resume_point(checkpoint, writer, log, backend.hidden)
+            except InputChanged:
+                if stream is sys.stdin.buffer:
+                    raise UsageError(f"standard input does not start with the lines {checkpoint.path} was made "
+                                     f"from; delete {args.output}.partial* to start over") from None
+                warn(f"{args.input} changed since {checkpoint.path} was written; starting over")
+                stream.close()
+                stream = open_input(args.input)
+                log = LineLog(read_lines(stream, args.input, args.encoding, args.errors))
+        if written:
+            stats.resumed = written
+        else:
+            writer.start(backend.hidden)
+        embed = embed_locally if args.model else embed_via_servers
+        arrays = embed(iter(log), backend, args.merge, args.batch_size, CHUNK_LINES, stats)
+        total = count_lines(args.input)
         try:
-            for array in progress_bar(arrays, count_lines(args.input), args.quiet):
+            for array in progress_bar(arrays, total and total - written, args.quiet):
                 writer.write(array)
+                written += 1
+                if checkpoint and written % Checkpoint.EVERY == 0:
+                    checkpoint.save(written, log.digest_through(written), writer.flush())
             writer.commit(backend.hidden)
         except OSError as err:
             raise RunError(f"could not write {args.output}: {err.strerror or err}") from None
+        finished = True
+        if checkpoint:
+            checkpoint.remove()
     finally:
-        if writer:
-            writer.discard()
+        if writer and not finished:
+            if checkpoint and written:
+                save_progress(checkpoint, writer, log, written)
+            else:
+                for staged in writer.files:
+                    staged.discard()
         if backend:
             backend.close()
         if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def save_progress(checkpoint, writer, log, written):
+    """On a failed --resume run: record what the partial output holds and keep it for the next run."""
+    try:
+        checkpoint.save(written, log.digest_through(written), writer.flush())
+    except OSError:
+        pass   # the last record saved still describes a prefix of the partial files
+    for staged in writer.files:
+        staged.keep()
+
+
+def resume_hint(args):
+    """What to say about the partial work a failed run kept."""
+    if args.resume and os.path.exists(args.output + ".partial.json"):
+        return f"; the partial work is in {args.output}.partial: run the same command again to continue it"
+    return "" if args.resume else "; --resume keeps partial work of long runs"
 
 
 def on_signal(number, frame):
@@ -1200,12 +1390,13 @@ def main(argv=None):
         print(f"bert_token_embed: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"bert_token_embed: error: {err} ({stats.lines} lines were done; {args.output} was left as it was)",
-              file=sys.stderr)
+        print(f"bert_token_embed: error: {err} ({stats.lines} lines were done; {args.output} was left as it was"
+              f"{resume_hint(args)})", file=sys.stderr)
         return 1
     except (Interrupted, KeyboardInterrupt) as err:
         status = err.args[0] if isinstance(err, Interrupted) else 130
-        print(f"bert_token_embed: interrupted; {args.output} was left as it was", file=sys.stderr)
+        print(f"bert_token_embed: interrupted after {stats.lines} lines; {args.output} was left as it was"
+              f"{resume_hint(args)}", file=sys.stderr)
         return status
     finally:
         signal.signal(signal.SIGTERM, previous)
