@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -795,11 +796,14 @@ class LocalModel:
         self.torch = torch
         self.name = name
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            # The model sees the user's text as text: a literal "[CLS]" or "<s>" is split like any word, as
+            # bert-serving-server does, not read as the special token.
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, split_special_tokens=True)
             if "ByteLevel" in str(getattr(tokenizer, "backend_tokenizer", "") and tokenizer.backend_tokenizer.pre_tokenizer) \
                     and not getattr(tokenizer, "add_prefix_space", True):
                 # Byte-level BPE (RoBERTa, GPT-2) marks a word start by a space; pre-split words need one.
-                tokenizer = transformers.AutoTokenizer.from_pretrained(name, add_prefix_space=True)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(name, split_special_tokens=True,
+                                                                       add_prefix_space=True)
             model = transformers.AutoModel.from_pretrained(name)
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load model {name}: {str(err).splitlines()[0]}") from None
@@ -1380,8 +1384,19 @@ def on_signal(number, frame):
     raise Interrupted(128 + number)
 
 
+def join_layer_lists(argv):
+    """Turn "--layer -1,-2" into "--layer=-1,-2": argparse takes a value that starts with "-" and is no number for an option."""
+    joined = []
+    for arg in argv:
+        if joined and joined[-1] == "--layer" and re.fullmatch(r"-\d+(,-?\d+)+", arg):
+            joined[-1] = f"--layer={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_layer_lists(sys.argv[1:] if argv is None else argv))
     previous = signal.signal(signal.SIGTERM, on_signal)
     stats = Stats()
     try:
