@@ -598,10 +598,13 @@ class ServerPool:
 
         A server that stays silent for ``timeout`` seconds while it has work is dropped
         and its batches are queued in ``orphans``; with no server left the run fails.
+        Returns None when dropping a server left nothing in flight: the orphans need sending.
         """
         while True:
             now = time.monotonic()
             busy = [s for s in self.servers if s.in_flight]
+            if not busy:
+                return None
             wait = min(s.last_heard + self.timeout for s in busy) - now
             ready = dict(self.poller.poll(max(0.0, wait) * 1000))
             for server in busy:
@@ -729,7 +732,10 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
             if exhausted and not open_lines:
                 return
             continue
-        server, request, embedding, tokens = pool.receive()
+        reply = pool.receive()
+        if reply is None:
+            continue
+        server, request, embedding, tokens = reply
         check_reply(server, request, embedding, tokens, pool.hidden)
         if request.kind == "pieces":
             for unit, pieces in zip(request.texts, tokens):
@@ -969,14 +975,21 @@ class StagedFile:
         os.replace(self.temporary, self.path)
         self.temporary = None
 
+    def close(self):
+        """Close the file; what could not be flushed (a full disk) is lost, as the file is given up anyway."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
     def keep(self):
         """Leave the partial file for --resume."""
-        self.file.close()
+        self.close()
         self.temporary = None
 
     def discard(self):
         if self.temporary:
-            self.file.close()
+            self.close()
             os.unlink(self.temporary)
             self.temporary = None
 
@@ -1284,6 +1297,9 @@ def resume_point(checkpoint, writer, log, hidden):
     if record.get("settings") != checkpoint.settings:
         warn(f"{checkpoint.path} was made with other options or another server/model; starting over")
         return 0
+    if any(os.fstat(staged.file.fileno()).st_size < size for staged, size in zip(writer.files, record["sizes"])):
+        warn(f"{checkpoint.path} describes more than the partial files hold; starting over")
+        return 0
     read, digest = log.skip(record["lines"])
     if read != record["lines"] or digest != record["sha256"]:
         raise InputChanged()
@@ -1334,6 +1350,8 @@ def run(args, stats):
         if written:
             stats.resumed = written
         else:
+            if checkpoint:
+                checkpoint.remove()   # the partial files are about to be emptied
             writer.start(backend.hidden)
         embed = embed_locally if args.model else embed_via_servers
         arrays = embed(iter(log), backend, args.merge, args.batch_size, CHUNK_LINES, stats)
@@ -1354,6 +1372,9 @@ def run(args, stats):
         if writer and not finished:
             if checkpoint and written:
                 save_progress(checkpoint, writer, log, written)
+            elif args.resume and os.path.exists(args.output + ".partial.json"):
+                for staged in writer.files:   # a partial output this run did not get to use
+                    staged.keep()
             else:
                 for staged in writer.files:
                     staged.discard()
