@@ -146,6 +146,18 @@ def basic_tokens(token, lowercase):
     return tuple(" ".join(result).split())
 
 
+@lru_cache(maxsize=1 << 16)
+def unicode_may_differ(unit):
+    """True if the unit has a character whose Unicode category is not the same in Unicode 3.2 and here.
+
+    Such characters were added or changed after 3.2, so a server on an older Python may
+    classify them differently (delete, split or keep them), and an ``[UNK]`` that seems to
+    fit could belong to a neighbour. Their alignment is checked with the server.
+    """
+    return not unit.isascii() and any(
+        unicodedata.ucd_3_2_0.category(c) != unicodedata.category(c) for c in unit)
+
+
 def align(expected, pieces):
     """Count the pieces of each leading unit that the piece list spells out in full.
 
@@ -493,7 +505,8 @@ class Server:
         self.in_flight[self.client.request_id] = request
 
     def close(self):
-        self.client.close()
+        if not self.client.context.closed:
+            self.client.close()
 
 
 def server_settings(server, client_version):
@@ -685,8 +698,12 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     def handle(window, pieces, rows, parts, touched):
         """Align one window's pieces; queue what it needs next, or add its rows to ``parts``."""
         units = window.units
-        counts = align([expected(unit) for unit in units], pieces)
-        if counts is None or (len(counts) < len(units) and len(pieces) < limit):
+        basic = [expected(unit) for unit in units]
+        counts = align(basic, pieces)
+        # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
+        # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
+        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(unicode_may_differ, units))
+        if counts is None or unsure or (len(counts) < len(units) and len(pieces) < limit):
             known = [known_pieces.get(unit) for unit in units]
             if any(k is None for k in known):
                 need = list(dict.fromkeys(u for u, k in zip(units, known) if k is None))
