@@ -36,8 +36,9 @@ __version__ = "1.0.0"
 DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
-CHUNK_LINES = 4096        # lines read, sorted by length and held at once
+CHUNK_LINES = 2048        # lines read and sorted by length at once; at most two chunks are held
 FIRST_CHUNK_LINES = 512
+READ_STEP = 128           # lines read between looks for replies
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
 
 
@@ -166,21 +167,22 @@ def align(expected, pieces):
     ran out (all of them when none ran out), or None when the pieces do not spell the
     units: the server tokenized differently from what we expected.
     """
-    if [word for unit in expected for word in unit] == pieces:   # every basic token is one piece
-        return [len(unit) for unit in expected]
     counts = []
-    p = 0
+    p, n = 0, len(pieces)
     for unit in expected:
         first = p
         for word in unit:
-            if p == len(pieces):
+            if p < n and pieces[p] == word:   # most basic tokens are one piece
+                p += 1
+                continue
+            if p == n:
                 return counts
             if pieces[p] == "[UNK]":
                 p += 1
                 continue
             spelled = 0
             while spelled < len(word):
-                if p == len(pieces):
+                if p == n:
                     return counts
                 piece = pieces[p]
                 if spelled:
@@ -192,7 +194,10 @@ def align(expected, pieces):
                 spelled += len(piece)
                 p += 1
         counts.append(p - first)
-    return counts if p == len(pieces) else None
+    return counts if p == n else None
+
+
+CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
 
 
 def counts_from_known_pieces(known, pieces):
@@ -227,13 +232,10 @@ class PieceCounter:
         self.capacity = capacity
         self.seen = {}
 
-    def basic(self, unit):
-        return basic_tokens(unit, self.lowercase)
-
-    def estimates(self, units):
+    def estimates(self, units, basic):
         """Pieces each unit has: exact when seen before, else at least one per basic token."""
-        seen, lowercase = self.seen, self.lowercase
-        return [seen[u] if u in seen else len(basic_tokens(u, lowercase)) for u in units]
+        seen = self.seen
+        return [seen[u] if u in seen else len(b) for u, b in zip(units, basic)]
 
     def learn(self, units, counts):
         if len(self.seen) < self.capacity:
@@ -252,8 +254,9 @@ class Sentence:
         self.counter = counter
         self.tokens = tokens
         self.units = list(tokens)
+        self.basic = [basic_tokens(t, counter.lowercase) for t in tokens]   # each unit's basic tokens
         self.owner = list(range(len(tokens)))
-        self.estimate = counter.estimates(tokens)
+        self.estimate = counter.estimates(tokens, self.basic)
         self.known = [None] * len(tokens)                # pieces a unit has, once a window covered it
         self.rows = [None] * len(tokens)
         self.counts = [0] * len(tokens)
@@ -287,6 +290,7 @@ class Sentence:
         """Replace unit i by several units, all owned by the same token."""
         n = len(parts)
         self.units[i:i + 1] = parts
+        self.basic[i:i + 1] = [basic_tokens(part, self.counter.lowercase) for part in parts]
         self.owner[i:i + 1] = [self.owner[i]] * n
         self.estimate[i:i + 1] = [1] * n
         self.known[i:i + 1] = [None] * n
@@ -318,7 +322,7 @@ class Sentence:
         stuck = window.own
         if window.start < stuck:
             self.retries[stuck] = RETRY_ALONE
-        elif len(self.counter.basic(self.units[stuck])) > 1:
+        elif len(self.basic[stuck]) > 1:
             self.retries[stuck] = RETRY_SPLIT
         else:
             self.covered[stuck] = True
@@ -330,7 +334,7 @@ class Sentence:
         """Windows that cover the uncovered units, each within ``limit`` pieces by estimate, with left context."""
         for i in reversed(range(len(self.units))):
             if self.retries[i] == RETRY_SPLIT:
-                self.split_unit(i, list(self.counter.basic(self.units[i])))
+                self.split_unit(i, list(self.basic[i]))
         n = len(self.units)
         if n and not self.windows and sum(self.estimate) <= limit:   # most sentences: one window, no context
             windows = [Window(self, 0, 0, n, sum(self.estimate))]
@@ -375,27 +379,32 @@ class Window(collections.namedtuple("Window", "sentence start own end size")):
 MERGES = ("mean", "last", "first", "sum", "max")
 
 
-def merge_segments(rows, counts, how):
-    """One row per segment of consecutive ``rows`` (segment k has ``counts[k]`` rows); an empty segment gives a zero row.
+def merge_segments(rows, counts, how, index=None):
+    """One row per segment of consecutive rows (segment k has ``counts[k]`` rows); an empty segment gives a zero row.
 
-    Segments are short (most tokens are one piece), so the loop runs over the piece
-    position within a segment and each step is one gather over all segments still
-    that long: several times faster than ``np.add.reduceat`` along axis 0.
+    The rows are ``rows[index]`` (``rows`` itself without an index), read straight from
+    ``rows`` without a copy of the whole. Segments are short (most tokens are one piece),
+    so the loop runs over the piece position within a segment and each step is one
+    gather over all segments still that long: several times faster than
+    ``np.add.reduceat`` along axis 0.
     """
+    def at(positions):
+        return rows[positions if index is None else index[positions]]
+
     counts = np.asarray(counts, dtype=np.int64)
     filled = np.flatnonzero(counts)
     starts = (np.cumsum(counts) - counts)[filled]
     sizes = counts[filled]
     if how == "first":
-        merged = rows[starts]
+        merged = at(starts)
     elif how == "last":
-        merged = rows[starts + sizes - 1]
+        merged = at(starts + sizes - 1)
     else:
-        merged = rows[starts].astype(np.float32)
+        merged = at(starts).astype(np.float32)
         combine = np.maximum if how == "max" else np.add
         for k in range(1, int(sizes.max(initial=1))):
             longer = np.flatnonzero(sizes > k)
-            merged[longer] = combine(merged[longer], rows[starts[longer] + k])
+            merged[longer] = combine(merged[longer], at(starts[longer] + k))
         if how == "mean":
             merged /= sizes[:, None]
     if len(filled) == len(counts):
@@ -426,25 +435,29 @@ def token_rows(sentence, how, hidden):
 
 
 def merge_parts(parts, how):
-    """Merge the kept pieces of every window of one reply with a single numpy reduction, and store the rows.
+    """Merge the kept pieces of the windows of one reply with one numpy reduction per source array, and store the rows.
 
-    ``parts`` holds, per window, its piece rows (row 0 = first piece) and what
-    ``Sentence.accept`` kept: (first unit, piece offset, piece counts).
+    ``parts`` holds, per window, where its pieces' rows are (a (rows, D) array and the
+    row of its first piece) and what ``Sentence.accept`` kept: (first unit, piece
+    offset, piece counts).
     """
-    if not parts:
-        return
-    slices = [rows[offset:offset + sum(counts)] for _, rows, (_, offset, counts) in parts]
-    merged = merge_segments(np.concatenate(slices), [c for _, _, (_, _, counts) in parts for c in counts], how)
-    k = 0
-    for window, _, (first, _, counts) in parts:
-        sentence, n = window.sentence, len(counts)
-        if n == len(sentence.units):   # the whole sentence in one window: its rows as one block
-            sentence.block = merged[k:k + n]
-            sentence.counts = counts
-        else:
-            sentence.rows[first:first + n] = list(merged[k:k + n])
-            sentence.counts[first:first + n] = counts
-        k += n
+    by_source = {}
+    for window, (source, base), kept in parts:
+        by_source.setdefault(id(source), (source, []))[1].append((window, base, kept))
+    for source, members in by_source.values():
+        index = np.concatenate([np.arange(base + offset, base + offset + sum(counts))
+                                for _, base, (_, offset, counts) in members])
+        merged = merge_segments(source, [c for _, _, (_, _, counts) in members for c in counts], how, index)
+        k = 0
+        for window, _, (first, _, counts) in members:
+            sentence, n = window.sentence, len(counts)
+            if n == len(sentence.units):   # the whole sentence in one window: its rows as one block
+                sentence.block = merged[k:k + n]
+                sentence.counts = counts
+            else:
+                sentence.rows[first:first + n] = list(merged[k:k + n])
+                sentence.counts[first:first + n] = counts
+            k += n
 
 
 # ---------------------------------------------------------------- talk to bert-serving-servers
@@ -458,7 +471,15 @@ def parse_server(spec, default_port=5555, default_port_out=5556):
         port_out = int(parts[2]) if len(parts) > 2 else (port + 1 if len(parts) > 1 else default_port_out)
     except ValueError:
         raise UsageError(f"--server {spec}: expected HOST, HOST:PORT or HOST:PORT:PORT_OUT with numeric ports") from None
+    check_ports(port, port_out)
     return host, port, port_out
+
+
+def check_ports(*ports):
+    """Raise a UsageError for a port outside 1-65535."""
+    for port in ports:
+        if not 0 < port < 65536:
+            raise UsageError(f"port {port} is not a TCP port (1-65535)")
 
 
 def start_command(port, port_out):
@@ -478,8 +499,11 @@ class Server:
         self.name = f"{host}:{port}:{port_out}"
         self.port, self.port_out = port, port_out
         # The identity routes replies; '#' or '@' in it would kill the server's sink.
-        self.client = BertClient(ip=host, port=port, port_out=port_out, identity=uuid.uuid4().hex.encode(),
-                                 ignore_all_checks=True, timeout=int(min(timeout, CONFIG_TIMEOUT) * 1000))
+        try:
+            self.client = BertClient(ip=host, port=port, port_out=port_out, identity=uuid.uuid4().hex.encode(),
+                                     ignore_all_checks=True, timeout=int(min(timeout, CONFIG_TIMEOUT) * 1000))
+        except Exception as err:   # zmq.ZMQError for an address it cannot connect to
+            raise UsageError(f"cannot connect to {self.name}: {err}") from None
         self.in_flight = {}
         self.last_heard = time.monotonic()
         self.replies = 0
@@ -503,6 +527,22 @@ class Server:
             warnings.simplefilter("ignore")
             self.client.encode(request.texts, blocking=False)
         self.in_flight[self.client.request_id] = request
+
+    def read_reply(self):
+        """Take one encode reply off the socket, the rows left in the message buffer: (request id, array, piece lists).
+
+        This is the client's own decoding (``_recv_ndarray``) without its copy of every frame.
+        """
+        frames = self.client.receiver.recv_multipart(copy=False)
+        try:
+            request_id = int(frames[-1].bytes)
+            header = json.loads(frames[1].bytes)
+            array = np.frombuffer(frames[2].buffer, dtype=header["dtype"]).reshape(header["shape"])
+        except (IndexError, ValueError, TypeError, KeyError) as err:
+            raise RunError(f"server {self.name} sent a reply this tool cannot read ({err}); "
+                           f"is it a bert-serving-server 1.10?") from None
+        self.client.pending_request.discard(request_id)
+        return request_id, array, header.get("tokens", "")
 
     def close(self):
         if not self.client.context.closed:
@@ -606,8 +646,8 @@ class ServerPool:
         """Send a batch to the server with the fewest batches in flight."""
         min(self.servers, key=lambda s: len(s.in_flight)).send(request)
 
-    def receive(self):
-        """Wait for the next reply from any server; return (server, request, embedding, tokens).
+    def receive(self, wait=True):
+        """Wait for the next reply from any server; return (server, request, embedding, tokens), or None without ``wait``.
 
         A server that stays silent for ``timeout`` seconds while it has work is dropped
         and its batches are queued in ``orphans``; with no server left the run fails.
@@ -618,18 +658,22 @@ class ServerPool:
             busy = [s for s in self.servers if s.in_flight]
             if not busy:
                 return None
-            wait = min(s.last_heard + self.timeout for s in busy) - now
-            ready = dict(self.poller.poll(max(0.0, wait) * 1000))
+            deadline = min(s.last_heard + self.timeout for s in busy) - now
+            ready = dict(self.poller.poll(max(0.0, deadline) * 1000 if wait else 0))
             for server in busy:
                 if server.client.receiver in ready:
-                    response = server.client._recv_ndarray()
-                    request = server.in_flight.pop(response.id)
+                    request_id, embedding, tokens = server.read_reply()
+                    request = server.in_flight.pop(request_id, None)
+                    if request is None:
+                        continue   # a late answer to nothing we wait for
                     server.last_heard = time.monotonic()
                     server.replies += 1
-                    return server, request, response.embedding, response.tokens
+                    return server, request, embedding, tokens
             for server in busy:
                 if server.last_heard + self.timeout <= time.monotonic():
                     self.drop(server)
+            if not wait:
+                return None
 
     def drop(self, server):
         """Give up on a silent server and queue its batches for the others."""
@@ -685,10 +729,10 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     """
     limit = pool.limit
     counter = PieceCounter(pool.lowercase)
-    expected = counter.basic
     chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones are sorted with learnt counts
 
     known_pieces = {}          # unit text -> the server's pieces for it alone (only units that surprised us)
+    staged, staged_lines = [], []   # windows and lines of the chunk being read
     waiting = []               # (window, pieces, rows) that wait for their units' pieces
     open_lines = collections.deque()
     queue = collections.deque()
@@ -696,9 +740,12 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     exhausted = False
 
     def handle(window, pieces, rows, parts, touched):
-        """Align one window's pieces; queue what it needs next, or add its rows to ``parts``."""
+        """Align one window's pieces; queue what it needs next, or add its rows to ``parts``.
+
+        ``rows`` is (a (rows, D) array, the row of the window's first piece in it).
+        """
         units = window.units
-        basic = [expected(unit) for unit in units]
+        basic = window.sentence.basic[window.start:window.end]
         counts = align(basic, pieces)
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
         # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
@@ -707,7 +754,7 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
             known = [known_pieces.get(unit) for unit in units]
             if any(k is None for k in known):
                 need = list(dict.fromkeys(u for u, k in zip(units, known) if k is None))
-                waiting.append((window, pieces, np.array(rows[:len(pieces)])))
+                waiting.append((window, pieces, (np.array(rows[0][rows[1]:rows[1] + len(pieces)]), 0)))
                 queue.appendleft(Request("pieces", (), need))
                 window.sentence.resynced = True
                 return
@@ -731,40 +778,47 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
             stats.resent += len(pool.orphans)
             queue.extendleft(reversed(pool.orphans))
             pool.orphans.clear()
-        if not exhausted and not queue and len(open_lines) < 2 * chunk_lines:
-            fresh, read = [], 0
-            for number, line in itertools.islice(numbered, chunk):
-                read += 1
-                sentence = Sentence(number, line.split(), counter)
-                open_lines.append(sentence)
-                fresh.extend(sentence.plan(limit))
-            exhausted = read < chunk
-            chunk = chunk_lines
-            fresh.sort(key=lambda w: w.size)
-            queue.extend(embed_requests(fresh, batch_size))
-            continue
+        # After the first chunk, a server with nothing to do gets what is read so far (but not just a few lines).
+        starving = (chunk == chunk_lines and not queue and not pool.busy
+                    and len(staged_lines) >= FIRST_CHUNK_LINES)
+        if staged and (len(staged_lines) >= chunk or exhausted or starving):
+            # A chunk is read: send its windows in order of length.
+            staged.sort(key=lambda w: w.size)
+            queue.extend(embed_requests(staged, batch_size))
+            staged, staged_lines, chunk = [], [], chunk_lines
         while queue and pool.has_room():
             pool.submit(queue.popleft())
-        if not pool.busy:
-            if exhausted and not open_lines:
-                return
-            continue
-        reply = pool.receive()
+        can_read = not exhausted and len(open_lines) < 2 * chunk_lines
+        if not (pool.busy or queue or can_read or staged):
+            return
+        # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
+        reply = pool.receive(wait=not can_read) if pool.busy else None
         if reply is None:
+            if can_read:
+                read = 0
+                for number, line in itertools.islice(numbered, READ_STEP):
+                    read += 1
+                    sentence = Sentence(number, line.split(), counter)
+                    open_lines.append(sentence)
+                    staged_lines.append(sentence)
+                    staged.extend(sentence.plan(limit))
+                exhausted = read < READ_STEP
             continue
         server, request, embedding, tokens = reply
         check_reply(server, request, embedding, tokens, pool.hidden)
         if request.kind == "pieces":
             for unit, pieces in zip(request.texts, tokens):
-                known_pieces[unit] = pieces[1:-1]
+                # A unit cut off even alone is not known whole: what follows its pieces matches nothing.
+                known_pieces[unit] = pieces[1:-1] + ([CUT_OFF] if len(pieces) - 2 >= limit else [])
             parked, waiting[:] = waiting[:], []
             parts, touched = [], []
             for window, pieces, rows in parked:
                 handle(window, pieces, rows, parts, touched)
         else:
             parts, touched = [], []
-            for window, rows, pieces in zip(request.windows, embedding[:, 1:], tokens):
-                handle(window, pieces[1:-1], rows, parts, touched)
+            flat = embedding.reshape(-1, embedding.shape[2])
+            for i, (window, pieces) in enumerate(zip(request.windows, tokens)):
+                handle(window, pieces[1:-1], (flat, i * embedding.shape[1] + 1), parts, touched)
         merge_parts(parts, how)
         for sentence in touched:
             if sentence.in_flight == 0 and not sentence.done:
@@ -974,10 +1028,11 @@ class StagedFile:
         try:
             if resume:
                 self.temporary = path + ".partial"
-                fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT, 0o666)
             else:
                 fd, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                                       suffix=".tmp")
+                os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp's 0600 suits secrets, not outputs
         except OSError as err:
             raise UsageError(f"cannot write in {directory} ({err.strerror}); choose another -o") from None
         self.file = os.fdopen(fd, "r+b")
@@ -1110,6 +1165,13 @@ class NpyWriter:
         index.file.write(self.header("<i8", (lines + 1,)))
         index.commit()
         matrix.commit()
+
+
+def current_umask():
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def offsets_path(path):
@@ -1247,11 +1309,13 @@ def build_parser():
 def server_addresses(args):
     """The servers named by --server, or by --ip/--port/--port-out (default localhost:5555:5556)."""
     if args.server:
-        if args.ip or args.port or args.port_out:
+        if args.ip or args.port is not None or args.port_out is not None:
             raise UsageError("use either --server or --ip/--port/--port-out, not both")
         return [parse_server(spec) for spec in args.server]
-    port = args.port or 5555
-    return [(args.ip or "localhost", port, args.port_out or port + 1)]
+    port = 5555 if args.port is None else args.port
+    port_out = port + 1 if args.port_out is None else args.port_out
+    check_ports(port, port_out)
+    return [(args.ip or "localhost", port, port_out)]
 
 
 def open_input(path):
@@ -1332,7 +1396,7 @@ def run(args, stats):
     """Embed the input and write the output, counting in ``stats``."""
     if args.batch_size < 1 or args.in_flight < 1 or args.timeout <= 0:
         raise UsageError("--batch-size, --in-flight and --timeout must be positive")
-    if args.model and (args.server or args.ip or args.port or args.port_out):
+    if args.model and (args.server or args.ip or args.port is not None or args.port_out is not None):
         raise UsageError("--model runs the model in this process; leave out --server/--ip/--port/--port-out")
     try:
         codecs.lookup(args.encoding)

@@ -49,14 +49,14 @@ def stop_server(proc):
 
 
 def timed(command):
-    """Run a command; return (seconds, peak RSS in MiB) of that child alone."""
+    """Run a command; return (seconds, peak RSS in MiB, CPU seconds) of that child alone."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"{command} failed: {proc.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def original_loop(corpus, output, port, port_out):
@@ -96,11 +96,11 @@ def original_loop(corpus, output, port, port_out):
 def measure(label, command, cost_us, request_ms):
     proc, port, port_out = start_server(cost_us, request_ms)
     try:
-        seconds, rss = timed(command(port, port_out))
+        seconds, rss, cpu = timed(command(port, port_out))
     finally:
         stats = stop_server(proc)
     limit = stats["useful_positions"] * cost_us / 1e6
-    return dict(label=label, wall=seconds, rss=rss, busy=stats["busy_seconds"], padded=stats["padded_positions"],
+    return dict(label=label, wall=seconds, rss=rss, cpu=cpu, busy=stats["busy_seconds"], padded=stats["padded_positions"],
                 useful=stats["useful_positions"], limit=limit, requests=stats["requests"])
 
 
@@ -132,10 +132,10 @@ def main():
         os.unlink(out)
     print(f"simulated GPU: {args.cost_us:g} us per padded position + {args.request_ms:g} ms per request; "
           f"768-d rows; server -max_seq_len NONE")
-    print(f"{'lines':>6} {'client':<14} {'wall s':>7} {'RSS MiB':>8} {'busy s':>7} {'padded':>9} {'useful':>9} "
+    print(f"{'lines':>6} {'client':<14} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'padded':>9} {'useful':>9} "
           f"{'pad/use':>7} {'limit s':>7} {'wall/limit':>10} {'requests':>8}")
     for lines, r in rows:
-        print(f"{lines:>6} {r['label']:<14} {r['wall']:>7.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} {r['padded']:>9} "
+        print(f"{lines:>6} {r['label']:<14} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} {r['padded']:>9} "
               f"{r['useful']:>9} {r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} "
               f"{r['wall'] / r['limit']:>10.2f} {r['requests']:>8}")
     for lines in sorted({n for n, _ in rows}):

@@ -229,11 +229,15 @@ def test_carriage_return_line_ends_are_not_line_ends(tmp_path, uncased_server, r
 
 # ---------------------------------------------------------------- resuming
 
-def interrupted_run(source, out, srv, after=1.5):
-    """Start a --resume run and SIGTERM it after ``after`` seconds; return its stderr."""
+def interrupted_run(source, out, srv):
+    """Start a --resume run and SIGTERM it once its partial output holds some lines; return its stderr."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(source), "-o", str(out), *server_args(srv),
                              "--batch-size", "8", "--resume", "-q"], stderr=subprocess.PIPE, text=True)
-    time.sleep(after)
+    partial = out.parent / (out.name + ".partial")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (partial.exists() and partial.stat().st_size > 8192):
+        time.sleep(0.05)
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err

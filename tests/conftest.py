@@ -1,0 +1,262 @@
+"""Shared fixtures: stand-in servers, a CLI runner, and the rows a correct tool must write.
+
+The stand-in server (tests/standin_server.py) sends, for a piece at position ``pos`` of a
+sentence (position 0 is [CLS]), the row ``piece_vector(piece, pos)``.  The helpers here
+turn that into the rows a correct tool writes for a line: every token's pieces are the
+pieces the stand-in makes of that token *alone*, and its row is the merge of those pieces'
+rows.  For lines too long for one window, the positions are the tool's choice, so the
+helpers check a token's row against every position it could legally have come from.
+"""
+
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from standin_server import VOCAB_UNCASED, StandinServer, make_cased_vocab
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bert_token_embed.py"
+SEPARATOR = "\t"  # what the tool joins a window's tokens with (bert_token_embed.SEPARATOR)
+MERGES = ("mean", "last", "first", "sum", "max")
+
+# "ci" (the default): 200 examples, the same ones every run (derandomized), about 550 random lines
+# for the main property in tests/test_property.py. HYPOTHESIS_PROFILE=thorough: 1500 fresh ones.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=1500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ---------------------------------------------------------------- servers
+
+def _factory(vocab, do_lower_case):
+    started = []
+
+    def make(**options):
+        """An unstarted StandinServer: use it as ``with make(max_seq_len=25) as srv:`` (entering starts it)."""
+        srv = StandinServer(vocab=vocab, do_lower_case=do_lower_case, **options)
+        started.append(srv)
+        return srv
+
+    return make, started
+
+
+@pytest.fixture(scope="session")
+def cased_vocab(tmp_path_factory):
+    return make_cased_vocab(tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="session")
+def uncased_server():
+    """Factory: ``with uncased_server(max_seq_len=None, hidden=16) as srv:`` runs a lowercasing stand-in."""
+    make, started = _factory(VOCAB_UNCASED, True)
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cased_server(cased_vocab):
+    """Factory: ``with cased_server(...) as srv:`` runs a cased stand-in (-cased_tokenization)."""
+    make, started = _factory(cased_vocab, False)
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+def server_args(*servers):
+    """``--server 127.0.0.1:PORT:PORT_OUT`` for each server."""
+    args = []
+    for srv in servers:
+        args += ["--server", f"127.0.0.1:{srv.port}:{srv.port_out}"]
+    return args
+
+
+# ---------------------------------------------------------------- the command line
+
+def _run_cli(args, stdin=None, timeout=60):
+    """Run ``python bert_token_embed.py ARGS`` from the repository root; return (returncode, stdout, stderr)."""
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    return _run_cli
+
+
+def listing(directory):
+    """{name: bytes} of the files in a directory (to show nothing changed and no temporary file is left)."""
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
+# ---------------------------------------------------------------- expected rows
+
+@lru_cache(maxsize=None)
+def _reference(vocab_path, do_lower_case):
+    """An unstarted stand-in with no length limit, used only for its tokenizer."""
+    return StandinServer(vocab=vocab_path, do_lower_case=do_lower_case, max_seq_len=None, hidden=1)
+
+
+@lru_cache(maxsize=1 << 16)
+def word_groups(vocab_path, do_lower_case, token):
+    """The stand-in's pieces of ``token`` alone, grouped by basic token (a group starts at each piece without ##)."""
+    groups = []
+    for piece in _reference(vocab_path, do_lower_case).tokenize(token)[1:-1]:
+        if piece.startswith("##") and groups:
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    return tuple(tuple(g) for g in groups)
+
+
+def token_pieces(srv, token, limit=None):
+    """The pieces that a token's row merges: its own pieces, each basic token cut to ``limit`` pieces if given.
+
+    (A single basic token with more pieces than a window holds keeps only the pieces
+    that fit; the tool reports it in its summary.)
+    """
+    groups = word_groups(srv.vocab_path, srv.do_lower_case, token)
+    return [p for g in groups for p in (g if limit is None else g[:limit])]
+
+
+def merge_reference(rows, how, hidden):
+    """Plain-python per-row merge (float64 arithmetic), zero row for no rows."""
+    rows = [np.asarray(r, dtype=np.float64) for r in rows]
+    if not rows:
+        return np.zeros(hidden)
+    if how == "first":
+        return rows[0]
+    if how == "last":
+        return rows[-1]
+    out = rows[0].copy()
+    for r in rows[1:]:
+        out = np.maximum(out, r) if how == "max" else out + r
+    return out / len(rows) if how == "mean" else out
+
+
+def window_limit(srv):
+    """Pieces a window holds: max_seq_len - 2 ([CLS] and [SEP]); 510 when max_seq_len is None."""
+    return (srv.max_seq_len or 512) - 2
+
+
+def expected_line(srv, line, how):
+    """The exact (tokens, hidden) array a correct tool writes for ``line`` when the line fits one window.
+
+    Returns None when the line's pieces do not fit one window (use ``check_windowed_line``).
+    """
+    tokens = line.split()
+    per_token = [token_pieces(srv, t) for t in tokens]
+    flat = [p for pieces in per_token for p in pieces]
+    if len(flat) > window_limit(srv):
+        return None
+    if tokens:
+        # The stand-in tokenizes the sentence the tool sends exactly as the tokens one by one.
+        assert srv.tokenize(SEPARATOR.join(tokens))[1:-1] == flat, line
+    out, position = [], 1
+    for pieces in per_token:
+        rows = [srv.piece_vector(p, position + j) for j, p in enumerate(pieces)]
+        out.append(merge_reference(rows, how, srv.hidden))
+        position += len(pieces)
+    return np.array(out, dtype=np.float64).reshape(len(tokens), srv.hidden)
+
+
+class Tables:
+    """A stand-in's rows split as piece part A[piece] and position part D[pos] (row = A + D, D[0] = 0)."""
+
+    def __init__(self, srv):
+        self.srv = srv
+        self.limit = window_limit(srv)
+        anchor = "[CLS]"
+        base = srv.piece_vector(anchor, 0).astype(np.float64)
+        self.D = np.array([srv.piece_vector(anchor, pos).astype(np.float64) - base
+                           for pos in range(self.limit + 2)])
+        self._A = {}
+
+    def A(self, piece):
+        if piece not in self._A:
+            self._A[piece] = self.srv.piece_vector(piece, 0).astype(np.float64)
+        return self._A[piece]
+
+
+def check_token_row(tables, row, pieces, how, atol=1e-5):
+    """Assert that ``row`` is the merge of exactly ``pieces`` at positions inside one or more windows.
+
+    A token whose pieces fit one window must come from one contiguous run of positions
+    1..limit, so every start is tried and one must give the row exactly.  A longer token
+    was split over several windows: for mean and sum, the positions are solved for (the
+    position rows are independent when hidden > limit) and must be whole counts adding
+    up to the number of pieces; for first/last the row must be the first/last piece at
+    some position; for max every component must be one piece's value at some position.
+    """
+    row = np.asarray(row, dtype=np.float64)
+    n, limit, D = len(pieces), tables.limit, tables.D
+    if n == 0:
+        assert not row.any(), "a token with no pieces must get a zero row"
+        return
+    A = np.array([tables.A(p) for p in pieces])
+    if n <= limit:
+        best = np.inf
+        for start in range(1, limit - n + 2):
+            candidate = merge_reference(A + D[start:start + n], how, row.size)
+            best = min(best, np.abs(candidate - row).max())
+            if best <= atol * max(1.0, np.abs(row).max()):
+                return
+        raise AssertionError(f"row is not the {how} of pieces {pieces} at any run of positions in a window "
+                             f"(closest differs by {best:.3g})")
+    Dw = D[1:limit + 1]
+    if how in ("mean", "sum"):
+        assert row.size > limit, "need hidden > window length to solve for positions"
+        target = (row * n if how == "mean" else row) - A.sum(0)
+        counts, *_ = np.linalg.lstsq(Dw.T, target, rcond=None)
+        whole = np.round(counts)
+        assert np.abs(Dw.T @ whole - target).max() < 1e-3 * n, f"row is not the {how} of pieces {pieces}"
+        assert np.abs(counts - whole).max() < 0.05 and (whole >= 0).all() and whole.sum() == n, counts
+    elif how in ("first", "last"):
+        piece_row = A[0] if how == "first" else A[-1]
+        assert np.abs(piece_row + Dw - row).max(axis=1).min() < atol * 10, f"row is not the {how} piece of {pieces}"
+    else:
+        values = (A[:, None, :] + Dw[None, :, :]).reshape(-1, row.size)
+        assert (np.abs(values - row).min(axis=0) < atol * 10).all(), f"row is no max of pieces {pieces}"
+
+
+def check_line(srv, tables, line, array, how, atol=1e-5):
+    """Assert a written array is right for ``line``: exact values when the line fits one window, else per token."""
+    tokens = line.split()
+    assert isinstance(array, np.ndarray) and array.dtype == np.float32, type(array)
+    assert array.shape == (len(tokens), srv.hidden), (array.shape, line)
+    expected = expected_line(srv, line, how)
+    if expected is not None:
+        np.testing.assert_allclose(array, expected, rtol=1e-5, atol=atol, err_msg=repr(line))
+        return
+    for k, token in enumerate(tokens):
+        try:
+            check_token_row(tables, array[k], token_pieces(srv, token, tables.limit), how, atol)
+        except AssertionError as err:
+            raise AssertionError(f"line {line[:80]!r}…, token {k} {token[:40]!r}: {err}") from None
+
+
+@pytest.fixture(scope="session")
+def expect():
+    """The helpers above, for tests: expect.line(srv, line, how), expect.check_line(...), expect.Tables(srv)."""
+    class Expect:
+        line = staticmethod(expected_line)
+        check_line = staticmethod(check_line)
+        check_token_row = staticmethod(check_token_row)
+        token_pieces = staticmethod(token_pieces)
+        merge = staticmethod(merge_reference)
+        Tables = Tables
+        server_args = staticmethod(server_args)
+        listing = staticmethod(listing)
+    return Expect

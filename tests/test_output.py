@@ -1,0 +1,115 @@
+"""The two output formats: a streamed pickle that loads as one list, and NAME.npy + NAME.offsets.npy."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def srv(uncased_server):
+    with uncased_server(max_seq_len=25, hidden=16) as server:
+        yield server
+
+
+WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable"]
+
+
+def corpus(n, seed=1):
+    """n lines of 0-40 tokens, some blank."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        k = int(rng.integers(0, 41)) if rng.random() > 0.05 else 0
+        lines.append(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), k)))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def text():
+    return "\n".join(corpus(600)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def outputs(srv, text, run_cli, tmp_path_factory, expect):
+    """The same 600 lines written as .pkl and as .npy (more than two 256-array batches)."""
+    directory = tmp_path_factory.mktemp("outputs")
+    (directory / "in.txt").write_text(text, encoding="utf-8")
+    for name in ("out.pkl", "out.npy"):
+        rc, _, err = run_cli([directory / "in.txt", "-o", directory / name, "-q", *expect.server_args(srv)])
+        assert rc == 0, err
+    return directory
+
+
+def load_pickle(path):
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+        assert f.read() == b"", "one pickle, nothing after it"
+    return data
+
+
+def test_streamed_pickle_is_one_list_of_the_lines(srv, text, outputs, expect):
+    arrays = load_pickle(outputs / "out.pkl")
+    lines = text.splitlines()
+    assert type(arrays) is list and len(arrays) == len(lines) == 600
+    tables = expect.Tables(srv)
+    for line, array in zip(lines, arrays):
+        expect.check_line(srv, tables, line, array, "mean")
+
+
+def test_streamed_pickle_equals_a_plain_pickle_of_the_same_list(outputs):
+    arrays = load_pickle(outputs / "out.pkl")
+    again = pickle.loads(pickle.dumps(arrays))
+    assert len(again) == len(arrays)
+    for a, b in zip(arrays, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_arrays_are_writable_float32(outputs):
+    for array in load_pickle(outputs / "out.pkl"):
+        assert type(array) is np.ndarray and array.dtype == np.float32 and array.ndim == 2
+        assert array.flags.writeable and array.flags.c_contiguous
+        array[...] = 0  # an ordinary array
+
+
+def test_npy_and_offsets_equal_the_pickle(outputs):
+    arrays = load_pickle(outputs / "out.pkl")
+    matrix = np.load(outputs / "out.npy", mmap_mode="r")
+    offsets = np.load(outputs / "out.offsets.npy", mmap_mode="r")
+    assert isinstance(matrix, np.memmap)
+    assert matrix.dtype == np.float32 and matrix.shape == (sum(len(a) for a in arrays), 16)
+    assert offsets.dtype.kind == "i" and offsets.shape == (len(arrays) + 1,) and offsets[0] == 0
+    assert (np.diff(offsets) >= 0).all() and offsets[-1] == len(matrix)
+    for i, array in enumerate(arrays):
+        np.testing.assert_array_equal(matrix[offsets[i]:offsets[i + 1]], array)
+
+
+def test_npy_loads_fully_too(outputs):
+    matrix = np.load(outputs / "out.npy")
+    assert matrix.flags.writeable and matrix.dtype == np.float32
+    assert len(matrix) == np.load(outputs / "out.offsets.npy")[-1]
+
+
+@pytest.mark.parametrize("data, shapes", [("", []), ("\n", [(0, 16)]), ("\n \n", [(0, 16), (0, 16)]),
+                                          ("a b\n\nc\n", [(2, 16), (0, 16), (1, 16)])])
+def test_empty_and_blank_cases_in_both_formats(srv, run_cli, tmp_path, expect, data, shapes):
+    (tmp_path / "in.txt").write_text(data)
+    for name in ("out.pkl", "out.npy"):
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / name, "-q", *expect.server_args(srv)])
+        assert rc == 0, err
+    arrays = load_pickle(tmp_path / "out.pkl")
+    assert [a.shape for a in arrays] == shapes
+    matrix = np.load(tmp_path / "out.npy", mmap_mode="r")
+    offsets = np.load(tmp_path / "out.offsets.npy")
+    assert matrix.shape == (sum(s[0] for s in shapes), 16)
+    assert offsets.tolist() == [0] + list(np.cumsum([s[0] for s in shapes], dtype=int))
+    for i, array in enumerate(arrays):
+        np.testing.assert_array_equal(matrix[offsets[i]:offsets[i + 1]], array)
+
+
+def test_npy_output_leaves_only_its_two_files(srv, run_cli, tmp_path, expect):
+    (tmp_path / "in.txt").write_text("a b\n")
+    (tmp_path / "out").mkdir()
+    rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out" / "vec.npy", "-q", *expect.server_args(srv)])
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["vec.npy", "vec.offsets.npy"]

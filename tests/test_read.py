@@ -1,0 +1,114 @@
+"""read_lines: bytes in, one str per line out; only b"\\n" ends a line."""
+
+import io
+
+import pytest
+
+from bert_token_embed import UsageError, read_lines
+
+
+def lines(data, **kwargs):
+    return list(read_lines(io.BytesIO(data), "in.txt", **kwargs))
+
+
+def test_plain_lines_and_last_line_without_newline():
+    assert lines(b"Hello World !\nI'm hankcs") == ["Hello World !", "I'm hankcs"]
+    assert lines(b"Hello World !\nI'm hankcs\n") == ["Hello World !", "I'm hankcs"]
+
+
+def test_empty_file_has_no_lines():
+    assert lines(b"") == []
+
+
+def test_blank_lines_are_kept():
+    assert lines(b"\n\n  \na\n") == ["", "", "  ", "a"]
+
+
+def test_bom_is_dropped_on_the_first_line_only():
+    bom = "\ufeff".encode("utf-8")
+    assert lines(bom + b"a b\n" + bom + b"c\n") == ["a b", "\ufeffc"]
+    assert lines(bom) == [""]
+
+
+def test_crlf(capsys):
+    assert lines(b"a b\r\nc\r\n\r\nd") == ["a b", "c", "", "d"]
+    assert capsys.readouterr().err == ""
+
+
+def test_bom_and_crlf_together():
+    assert lines(b"\xef\xbb\xbfHello World !\r\nI'm hankcs\r\n") == ["Hello World !", "I'm hankcs"]
+
+
+def test_carriage_return_inside_a_line_is_kept_with_one_warning(capsys):
+    assert lines(b"a\rb\nc\r\rd\r\n\re\n") == ["a\rb", "c\r\rd", "\re"]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert "line 1" in err and "carriage return" in err
+
+
+def test_old_mac_file_is_one_line(capsys):
+    assert lines(b"a\rb\rc\r") == ["a\rb\rc"]
+    assert "line 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x1c", "\x1d", "\x1e", "\x85", "\x0b", "\x0c"])
+def test_other_line_breaks_stay_inside_their_line(separator):
+    text = f"a{separator}b\nc"
+    assert lines(text.encode("utf-8")) == [f"a{separator}b", "c"]
+
+
+def test_non_utf8_raises_usage_error_naming_line_and_byte_offset():
+    data = b"ok line\nab\xffc\n"
+    with pytest.raises(UsageError) as info:
+        lines(data)
+    message = str(info.value)
+    assert "in.txt" in message and "line 2" in message
+    assert "byte offset 10" in message and data[10:11] == b"\xff"
+    assert "--errors replace" in message and "--encoding" in message
+
+
+def test_byte_offset_counts_the_bom_and_crlf():
+    data = b"\xef\xbb\xbfa\r\nb\xe9\n"
+    assert data[7:8] == b"\xe9"
+    with pytest.raises(UsageError, match=r"line 2 .*byte offset 7\b"):
+        lines(data)
+    data = b"\xef\xbb\xbfa\xe9\n"
+    assert data[4:5] == b"\xe9"
+    with pytest.raises(UsageError, match=r"line 1 .*byte offset 4\b"):
+        lines(data)
+
+
+def test_error_comes_only_when_the_bad_line_is_reached():
+    stream = read_lines(io.BytesIO(b"good\n\xff\n"), "in.txt")
+    assert next(stream) == "good"
+    with pytest.raises(UsageError, match="line 2"):
+        next(stream)
+
+
+def test_truncated_multibyte_sequence_at_end_of_file():
+    with pytest.raises(UsageError, match=r"line 2 .*byte offset 3\b"):
+        lines(b"ok\n\xe4\xb8")
+
+
+def test_errors_replace_and_ignore():
+    assert lines(b"a\xffb\nc\n", errors="replace") == ["a\ufffdb", "c"]
+    assert lines(b"a\xffb\nc\n", errors="ignore") == ["ab", "c"]
+
+
+def test_other_encoding():
+    assert lines("café\nnaïve\n".encode("latin-1"), encoding="latin-1") == ["café", "naïve"]
+
+
+def test_reads_lazily():
+    class Stream:
+        def __init__(self):
+            self.read = 0
+
+        def __iter__(self):
+            for raw in (b"a\n", b"b\n", b"c\n"):
+                self.read += 1
+                yield raw
+
+    stream = Stream()
+    gen = read_lines(stream, "in.txt")
+    assert next(gen) == "a" and stream.read == 1

@@ -1,0 +1,192 @@
+"""Several servers, --ip/--port/--port-out, and parse_server."""
+
+import pickle
+import socket
+
+import numpy as np
+import pytest
+
+from bert_token_embed import UsageError, parse_server
+
+WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
+
+
+def varied_lines(n=200, seed=5):
+    """Lines of 0-60 tokens: blank ones, one-window ones and ones that need several windows of max_seq_len 25."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(0, 61)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fast(uncased_server):
+    with uncased_server(max_seq_len=25) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow(uncased_server):
+    with uncased_server(max_seq_len=25, delay=0.05) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def text():
+    return "\n".join(varied_lines()) + "\n"
+
+
+def embed(run_cli, directory, text, server_args, *extra, name="out.pkl", timeout=120):
+    source = directory / "in.txt"
+    source.write_text(text, encoding="utf-8")
+    rc, _, err = run_cli([source, "-o", directory / name, *server_args, *extra], timeout=timeout)
+    assert rc == 0, err
+    with open(directory / name, "rb") as f:
+        return pickle.load(f), err
+
+
+@pytest.fixture(scope="module")
+def single(fast, text, run_cli, tmp_path_factory, expect):
+    arrays, _ = embed(run_cli, tmp_path_factory.mktemp("single"), text, expect.server_args(fast), "-q")
+    return arrays
+
+
+def assert_same(a_list, b_list):
+    assert len(a_list) == len(b_list)
+    for a, b in zip(a_list, b_list):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_single_server_result_is_right(fast, text, single, expect):
+    lines = text.splitlines()
+    assert len(single) == len(lines) == 200
+    for line, array in zip(lines, single):
+        assert array.shape == (len(line.split()), 16)
+    # Exact values for every line that fits one window.
+    for line, array in zip(lines, single):
+        expected = expect.line(fast, line, "mean")
+        if expected is not None:
+            np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", ["3", "128"])
+def test_order_is_kept_over_a_slow_and_a_fast_server(fast, slow, text, single, run_cli, tmp_path, expect, batch_size):
+    before = (fast.stats["requests"], slow.stats["requests"])
+    arrays, _ = embed(run_cli, tmp_path, text, expect.server_args(slow, fast), "--batch-size", batch_size, "-q")
+    assert_same(arrays, single)
+    if batch_size == "3":
+        # Both servers got batches (each holds up to --in-flight 3 at once, so the first six go to both).
+        assert fast.stats["requests"] - before[0] > 1 and slow.stats["requests"] - before[1] > 1
+
+
+def test_three_servers_and_npy(fast, slow, text, single, run_cli, tmp_path, uncased_server, expect):
+    with uncased_server(max_seq_len=25, delay=0.01) as third:
+        source = tmp_path / "in.txt"
+        source.write_text(text, encoding="utf-8")
+        rc, _, err = run_cli([source, "-o", tmp_path / "out.npy", "--batch-size", "5", "-q",
+                              *expect.server_args(fast, slow, third)], timeout=120)
+    assert rc == 0, err
+    matrix = np.load(tmp_path / "out.npy")
+    offsets = np.load(tmp_path / "out.offsets.npy")
+    assert_same([matrix[offsets[i]:offsets[i + 1]] for i in range(len(single))], single)
+
+
+def free_port_pair():
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def test_ip_port_port_out(fast, run_cli, tmp_path):
+    (tmp_path / "in.txt").write_text("Hello World !\nI'm hankcs\n")
+    rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--ip", "127.0.0.1",
+                          "--port", fast.port, "--port-out", fast.port_out, "-q"])
+    assert rc == 0, err
+    with open(tmp_path / "out.pkl", "rb") as f:
+        assert [a.shape for a in pickle.load(f)] == [(3, 16), (2, 16)]
+
+
+def test_port_out_defaults_to_port_plus_one(uncased_server, run_cli, tmp_path, expect):
+    port = free_port_pair()
+    (tmp_path / "in.txt").write_text("Hello World !\n")
+    with uncased_server(port=port, port_out=port + 1, max_seq_len=None) as server:
+        for args in (["--ip", "127.0.0.1", "--port", port], ["--server", f"127.0.0.1:{port}"]):
+            rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "-q", *args])
+            assert rc == 0, err
+            with open(tmp_path / "out.pkl", "rb") as f:
+                np.testing.assert_allclose(pickle.load(f)[0], expect.line(server, "Hello World !", "mean"),
+                                           rtol=1e-5, atol=1e-6)
+
+
+def test_server_and_ip_together_is_a_usage_error(fast, run_cli, tmp_path, expect):
+    (tmp_path / "in.txt").write_text("a\n")
+    rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(fast),
+                          "--ip", "127.0.0.1"])
+    assert rc == 2 and "--server" in err and "Traceback" not in err
+
+
+def test_servers_with_different_settings_are_refused(fast, uncased_server, run_cli, tmp_path, expect):
+    (tmp_path / "in.txt").write_text("a\n")
+    (tmp_path / "out.pkl").write_bytes(b"old")
+    with uncased_server(max_seq_len=64) as other:
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(fast, other)])
+    assert rc == 2 and "differ" in err and "Traceback" not in err
+    assert (tmp_path / "out.pkl").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("spec", ["127.0.0.1:-5", "127.0.0.1:99999", "127.0.0.1:5555:0x10", "127.0.0.1:abc"])
+def test_invalid_port_is_one_clear_line(run_cli, tmp_path, spec):
+    (tmp_path / "in.txt").write_text("a\n")
+    rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--server", spec, "--timeout", "1"],
+                         timeout=30)
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_server_lost_mid_run_has_its_batches_sent_to_the_other(fast, uncased_server, text, single, run_cli,
+                                                                tmp_path, expect):
+    with uncased_server(max_seq_len=25, die_after=2) as dying:
+        arrays, err = embed(run_cli, tmp_path, text, expect.server_args(dying, fast), "--batch-size", "3",
+                            "--timeout", "2")
+    assert_same(arrays, single)
+    assert "warning" in err and "re-sent" in err
+
+
+def test_the_only_server_lost_mid_run_exits_1_and_keeps_the_old_output(uncased_server, text, run_cli, tmp_path,
+                                                                      expect):
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "out.pkl").write_bytes(b"old")
+    with uncased_server(max_seq_len=25, die_after=2) as dying:
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--batch-size", "3", "--timeout", "2",
+                              *expect.server_args(dying)], timeout=60)
+    assert rc == 1, err
+    assert "Traceback" not in err and "no reply" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.pkl"]
+    assert (tmp_path / "out.pkl").read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------- parse_server
+
+@pytest.mark.parametrize("spec, expected", [
+    ("gpu1", ("gpu1", 5555, 5556)),
+    ("gpu2:6000", ("gpu2", 6000, 6001)),
+    ("gpu2:6000:7000", ("gpu2", 6000, 7000)),
+    ("10.0.0.5:5555:5556", ("10.0.0.5", 5555, 5556)),
+    (":6000", ("localhost", 6000, 6001)),
+    ("", ("localhost", 5555, 5556)),
+])
+def test_parse_server(spec, expected):
+    assert parse_server(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["gpu1:", "gpu1:x", "gpu1:6000:y", "gpu1:6000:"])
+def test_parse_server_rejects_non_numeric_ports(spec):
+    with pytest.raises(UsageError, match="HOST:PORT"):
+        parse_server(spec)
