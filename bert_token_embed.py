@@ -12,6 +12,7 @@ plan windows for long sentences -> merge -> talk to servers (or run a local mode
 """
 
 import argparse
+import bisect
 import codecs
 import collections
 import hashlib
@@ -39,6 +40,7 @@ MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq
 CHUNK_LINES = 2048        # lines read and sorted by length at once; at most two chunks are held
 FIRST_CHUNK_LINES = 512
 READ_STEP = 128           # lines read between looks for replies
+KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
 
 
@@ -292,7 +294,7 @@ class Sentence:
         self.units[i:i + 1] = parts
         self.basic[i:i + 1] = [basic_tokens(part, self.counter.lowercase) for part in parts]
         self.owner[i:i + 1] = [self.owner[i]] * n
-        self.estimate[i:i + 1] = [1] * n
+        self.estimate[i:i + 1] = self.counter.estimates(parts, self.basic[i:i + n])
         self.known[i:i + 1] = [None] * n
         self.rows[i:i + 1] = [None] * n
         self.counts[i:i + 1] = [0] * n
@@ -762,7 +764,7 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
             if counts is None or (len(counts) < len(known) and len(pieces) < limit):
                 raise RunError(
                     f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
-                    f"(tokens {units!r}, server pieces {pieces!r}); no output was written")
+                    f"(tokens {units!r}, server pieces {pieces!r})")
         kept = window.sentence.accept(window, counts, len(pieces))
         if kept:
             parts.append((window, rows, kept))
@@ -807,6 +809,8 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
         server, request, embedding, tokens = reply
         check_reply(server, request, embedding, tokens, pool.hidden)
         if request.kind == "pieces":
+            if len(known_pieces) > KNOWN_PIECES_LIMIT:
+                known_pieces.clear()   # a window still waiting asks again
             for unit, pieces in zip(request.texts, tokens):
                 # A unit cut off even alone is not known whole: what follows its pieces matches nothing.
                 known_pieces[unit] = pieces[1:-1] + ([CUT_OFF] if len(pieces) - 2 >= limit else [])
@@ -844,15 +848,22 @@ def word_windows(word_ids, limit):
     whole words of left context, as in server mode.
     """
     n = len(word_ids)
-    starts = [p for p in range(n) if p == 0 or word_ids[p] != word_ids[p - 1]]
+    bounds = [p for p in range(n) if p == 0 or word_ids[p] != word_ids[p - 1]] + [n]   # where words start
+
+    def last_bound(start):
+        """The furthest word start after keep_from that a window from ``start`` holds, or None."""
+        bound = bounds[bisect.bisect_right(bounds, start + limit) - 1]
+        return bound if bound > keep_from else None
+
     windows, keep_from = [], 0
     while keep_from < n:
-        start = min((s for s in starts if keep_from - limit // 4 <= s <= keep_from), default=keep_from)
-        ends = [s for s in starts + [n] if keep_from < s <= start + limit]
-        if not ends and start < keep_from:
+        start = min(bounds[bisect.bisect_left(bounds, keep_from - limit // 4)], keep_from)
+        keep_to = last_bound(start)
+        if keep_to is None and start < keep_from:   # context and the next word do not fit together
             start = keep_from
-            ends = [s for s in starts + [n] if keep_from < s <= start + limit]
-        keep_to = max(ends) if ends else start + limit
+            keep_to = last_bound(start)
+        if keep_to is None:                         # a word longer than a window is cut
+            keep_to = start + limit
         windows.append((start, keep_from, keep_to))
         keep_from = keep_to
     return windows

@@ -9,6 +9,7 @@ helpers check a token's row against every position it could legally have come fr
 """
 
 import os
+import socket
 import subprocess
 import sys
 from functools import lru_cache
@@ -69,6 +70,21 @@ def cased_server(cased_vocab):
     yield make
     for srv in started:
         srv.stop()
+
+
+def free_port_pair():
+    """Two consecutive ports nothing listens on (best effort)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
 
 
 def server_args(*servers):

@@ -3,13 +3,13 @@
 import os
 import pickle
 import re
-import socket
 import stat
 
 import numpy as np
 import pytest
 
 from bert_token_embed import MERGES
+from conftest import free_port_pair
 
 HELLO = "Hello World !\nI'm hankcs\n"
 
@@ -247,19 +247,6 @@ def test_missing_input_file(srv, run_cli, tmp_path, expect):
 
 # ---------------------------------------------------------------- server checks
 
-def free_port_pair():
-    """Two consecutive ports nothing listens on (best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def test_no_server_exits_2_with_the_start_command(run_cli, tmp_path):

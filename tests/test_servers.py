@@ -1,12 +1,12 @@
 """Several servers, --ip/--port/--port-out, and parse_server."""
 
 import pickle
-import socket
 
 import numpy as np
 import pytest
 
 from bert_token_embed import UsageError, parse_server
+from conftest import free_port_pair
 
 WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
 
@@ -90,18 +90,6 @@ def test_three_servers_and_npy(fast, slow, text, single, run_cli, tmp_path, unca
     assert_same([matrix[offsets[i]:offsets[i + 1]] for i in range(len(single))], single)
 
 
-def free_port_pair():
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def test_ip_port_port_out(fast, run_cli, tmp_path):
