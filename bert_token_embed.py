@@ -235,13 +235,14 @@ class PieceCounter:
         self.seen = {}
 
     def estimates(self, units, basic):
-        """Pieces each unit has: exact when seen before, else at least one per basic token."""
-        seen = self.seen
-        return [seen[u] if u in seen else len(b) for u, b in zip(units, basic)]
+        """Pieces each unit has: as seen before, else at least one per basic token."""
+        get = self.seen.get
+        return [get(u) or len(b) for u, b in zip(units, basic)]
 
-    def learn(self, units, counts):
-        if len(self.seen) < self.capacity:
-            self.seen.update(zip(units, counts))
+    def learn(self, units, counts, estimates):
+        """Remember the counts that differ from the estimates (the others need no remembering)."""
+        if counts != estimates and len(self.seen) < self.capacity:
+            self.seen.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
 
 
 class Sentence:
@@ -317,7 +318,7 @@ class Sentence:
             i, j = window.own, window.own + len(kept)
             self.known[i:j] = kept
             self.covered[i:j] = [True] * len(kept)
-            self.counter.learn(self.units[i:j], kept)
+            self.counter.learn(self.units[i:j], kept, self.estimate[i:j])
             self.seen_pieces += sum(kept)
             self.seen_estimate += sum(self.estimate[i:j])
             return window.own, sum(counts[:context]), kept
