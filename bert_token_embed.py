@@ -34,7 +34,9 @@ import numpy as np
 
 __version__ = "1.0.0"
 
-DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
+DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PORT_OUT = "localhost", 5555, 5556   # as bert-serving-client and -start
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_IN_FLIGHT = 3   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
 CHUNK_LINES = 2048        # lines read and sorted by length at once; at most two chunks are held
@@ -54,6 +56,20 @@ class RunError(Exception):
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; carries the exit status 128 + signal."""
+
+
+class InputChanged(Exception):
+    """The input's first lines are not those a --resume partial output was made from."""
+
+
+def warn(message):
+    """Print a warning: one line on stderr; the run goes on."""
+    print(f"bert_token_embed: warning: {message}", file=sys.stderr)
+
+
+def plural(count, noun, nouns=None):
+    """'1 line', '2 lines' ('1 reply', '2 replies' with nouns='replies')."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 # ---------------------------------------------------------------- read lines
@@ -465,13 +481,13 @@ def merge_parts(parts, how):
 
 # ---------------------------------------------------------------- talk to bert-serving-servers
 
-def parse_server(spec, default_port=5555, default_port_out=5556):
-    """Split "HOST[:PORT[:PORT_OUT]]" into (host, port, port_out); PORT_OUT defaults to PORT + 1."""
+def parse_server(spec):
+    """Split "HOST[:PORT[:PORT_OUT]]" into (host, port, port_out), with bert-serving-client's defaults."""
     parts = spec.rsplit(":", 2) if spec.count(":") <= 2 else [spec]
     try:
-        host = parts[0] or "localhost"
-        port = int(parts[1]) if len(parts) > 1 else default_port
-        port_out = int(parts[2]) if len(parts) > 2 else (port + 1 if len(parts) > 1 else default_port_out)
+        host = parts[0] or DEFAULT_HOST
+        port = int(parts[1]) if len(parts) > 1 else DEFAULT_PORT
+        port_out = int(parts[2]) if len(parts) > 2 else DEFAULT_PORT_OUT
     except ValueError:
         raise UsageError(f"--server {spec}: expected HOST, HOST:PORT or HOST:PORT:PORT_OUT with numeric ports") from None
     check_ports(port, port_out)
@@ -593,11 +609,10 @@ class ServerPool:
     def __init__(self, addresses, timeout, in_flight):
         import zmq
         self.timeout = timeout
-        self.slots_per_server = in_flight
+        self.in_flight = in_flight
         self.servers = []
         self.poller = zmq.Poller()
         self.orphans = collections.deque()
-        self.lost = []
         self.hidden = None
         try:
             from bert_serving.client import __version__ as client_version
@@ -634,12 +649,8 @@ class ServerPool:
         """What decides the rows, for --resume."""
         return {"lowercase": self.lowercase, "limit": self.limit, "hidden": self.hidden}
 
-    @property
-    def slots(self):
-        return self.slots_per_server * len(self.servers)
-
     def has_room(self):
-        return any(len(s.in_flight) < self.slots_per_server for s in self.servers)
+        return any(len(s.in_flight) < self.in_flight for s in self.servers)
 
     @property
     def busy(self):
@@ -683,9 +694,8 @@ class ServerPool:
         self.servers.remove(server)
         self.poller.unregister(server.client.receiver)
         self.orphans.extend(server.in_flight.values())
-        self.lost.append(server)
         message = (f"server {server.name} sent no reply for {self.timeout:g} s "
-                   f"(after {server.replies} replies); is it still running?")
+                   f"(after {plural(server.replies, 'reply', 'replies')}); is it still running?")
         server.close()
         if not self.servers:
             raise RunError(message)
@@ -884,6 +894,11 @@ class LocalModel:
         transformers.logging.disable_progress_bar()
         self.torch = torch
         self.name = name
+        if os.sep in name or name.startswith("."):
+            if not os.path.isdir(name):
+                raise UsageError(f"model directory {name} not found")
+            if not os.path.isfile(os.path.join(name, "config.json")):
+                raise UsageError(f"{name} is no Hugging Face model directory (it has no config.json)")
         try:
             # The model sees the user's text as text: a literal "[CLS]" or "<s>" is split like any word, as
             # bert-serving-server does, not read as the special token.
@@ -895,13 +910,17 @@ class LocalModel:
                                                                        add_prefix_space=True)
             model = transformers.AutoModel.from_pretrained(name)
         except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load model {name}: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"cannot load model {name} ({str(err).splitlines()[0]}); give a Hugging Face model "
+                             f"directory, or a hub name where this machine may download") from None
         if not tokenizer.is_fast:
             raise UsageError(f"model {name} has no fast tokenizer, which word_ids() needs; convert it with tokenizers")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        try:
+            self.device = torch.device(device)
+            self.model = model.to(self.device).eval()
+        except (RuntimeError, AssertionError, ValueError) as err:
+            raise UsageError(f"--device {device}: {str(err).splitlines()[0]}; use auto, cpu or cuda") from None
         self.tokenizer = tokenizer
         self.layers = layers
         depth = model.config.num_hidden_layers
@@ -982,7 +1001,12 @@ def embed_locally(lines, model, how, batch_size, chunk_lines, stats):
         windows.sort(key=lambda w: len(w[4]))
         for first in range(0, len(windows), batch_size):
             batch = windows[first:first + batch_size]
-            for (k, start, keep_from, keep_to, _), states in zip(batch, model.forward([w[4] for w in batch])):
+            try:
+                computed = model.forward([w[4] for w in batch])
+            except RuntimeError as err:   # out of memory, mostly
+                raise RunError(f"the model failed on a batch of {len(batch)} windows ({str(err).splitlines()[0]}); "
+                               f"a smaller --batch-size needs less memory") from None
+            for (k, start, keep_from, keep_to, _), states in zip(batch, computed):
                 rows[k][keep_from:keep_to] = states[keep_from - start:keep_to - start]
         for tokens, (ids, words), piece_rows, n_windows in zip(chunk, encoded, rows, per_line):
             counts = np.bincount(np.asarray(words, dtype=np.int64), minlength=len(tokens))
@@ -1008,8 +1032,8 @@ class Stats:
 
     def summary(self, output):
         seconds = time.monotonic() - self.started
-        text = (f"{self.lines} lines, {self.tokens} tokens ({self.empty_tokens} with no word piece, zero rows), "
-                f"{self.long_lines} lines needed extra windows, {seconds:.1f} s -> {output}")
+        text = (f"{plural(self.lines, 'line')}, {plural(self.tokens, 'token')} ({self.empty_tokens} with no word "
+                f"piece, zero rows), {plural(self.long_lines, 'line')} needed extra windows, {seconds:.1f} s -> {output}")
         if self.resynced:
             text += f"; {self.resynced} lines re-aligned by asking the server per token"
         if self.cut_tokens:
@@ -1133,7 +1157,12 @@ class NpyWriter:
     HEADER = 128
 
     def __init__(self, path, resume):
-        self.files = [StagedFile(path, resume), StagedFile(offsets_path(path), resume)]
+        matrix = StagedFile(path, resume)
+        try:
+            self.files = [matrix, StagedFile(offsets_path(path), resume)]
+        except UsageError:
+            matrix.discard()
+            raise
         self.rows = 0
 
     @classmethod
@@ -1225,10 +1254,16 @@ class Checkpoint:
     EVERY = 1024   # lines between records
 
     def __init__(self, output, settings):
-        self.path = output + ".partial.json"
+        self.path = self.record_path(output)
         self.settings = settings
 
+    @staticmethod
+    def record_path(output):
+        """Where the record of OUTPUT's partial work lies."""
+        return output + ".partial.json"
+
     def load(self):
+        """The record, or None when there is none (or it cannot be read)."""
         try:
             with open(self.path, encoding="utf-8") as f:
                 return json.load(f)
@@ -1247,10 +1282,6 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------- command line
-
-def warn(message):
-    print(f"bert_token_embed: warning: {message}", file=sys.stderr)
-
 
 HELP_EPILOG = """\
 examples:
@@ -1282,25 +1313,25 @@ def build_parser():
                         help="how a token's piece rows become one row: mean (default), last, first, sum or max")
     server = parser.add_argument_group("server mode (bert-serving-server)")
     server.add_argument("--server", action="append", metavar="HOST[:PORT[:PORT_OUT]]",
-                        help="a bert-serving-server; repeat to spread the work over several (PORT_OUT defaults to "
-                             "PORT+1)")
-    server.add_argument("--ip", help="the server's host, as in bert-serving-client (default: localhost)")
-    server.add_argument("--port", type=int, help="the server's request port (default: 5555)")
-    server.add_argument("--port-out", type=int, help="the server's result port (default: 5556)")
-    server.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"a bert-serving-server; repeat to spread the work over several (PORT defaults to "
+                             f"{DEFAULT_PORT}, PORT_OUT to {DEFAULT_PORT_OUT})")
+    server.add_argument("--ip", help=f"the server's host, as in bert-serving-client (default: {DEFAULT_HOST})")
+    server.add_argument("--port", type=int, help=f"the server's request port (default: {DEFAULT_PORT})")
+    server.add_argument("--port-out", type=int, help=f"the server's result port (default: {DEFAULT_PORT_OUT})")
+    server.add_argument("--timeout", type=float, metavar="SECONDS",
                         help=f"longest wait for any one reply of a server that has work, before it counts as dead "
                              f"(default: {DEFAULT_TIMEOUT:g}; raise it for big batches on a slow CPU server). "
                              f"The start-up check waits at most min(SECONDS, {CONFIG_TIMEOUT:g})")
-    server.add_argument("--in-flight", type=int, default=3, metavar="N",
-                        help="batches waiting at each server at once, so it never idles (default: 3)")
+    server.add_argument("--in-flight", type=int, metavar="N",
+                        help=f"batches waiting at each server at once, so it never idles (default: {DEFAULT_IN_FLIGHT})")
     local = parser.add_argument_group("embedded mode (no server; needs requirements-local.txt)")
     local.add_argument("--model", metavar="PATH_OR_NAME",
                        help="run this Hugging Face model in-process instead of asking a server: a local model "
                             "directory, or a hub name where this machine can download")
-    local.add_argument("--layer", default="-2", metavar="L[,L...]",
+    local.add_argument("--layer", metavar="L[,L...]",
                        help="hidden layer(s) to return, as Hugging Face counts them (0 = embeddings, -1 = last); "
                             "several are concatenated in the order given (default: -2, as bert-serving-server)")
-    local.add_argument("--device", default="auto",
+    local.add_argument("--device",
                        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
     local.add_argument("--max-seq-len", type=int, metavar="N",
                        help="longest window in pieces, special tokens included (default: the model's maximum)")
@@ -1319,15 +1350,15 @@ def build_parser():
 
 
 def server_addresses(args):
-    """The servers named by --server, or by --ip/--port/--port-out (default localhost:5555:5556)."""
+    """The servers named by --server, or by --ip/--port/--port-out."""
     if args.server:
         if args.ip or args.port is not None or args.port_out is not None:
             raise UsageError("use either --server or --ip/--port/--port-out, not both")
         return [parse_server(spec) for spec in args.server]
-    port = 5555 if args.port is None else args.port
-    port_out = port + 1 if args.port_out is None else args.port_out
+    port = DEFAULT_PORT if args.port is None else args.port
+    port_out = DEFAULT_PORT_OUT if args.port_out is None else args.port_out
     check_ports(port, port_out)
-    return [(args.ip or "localhost", port, port_out)]
+    return [(args.ip or DEFAULT_HOST, port, port_out)]
 
 
 def open_input(path):
@@ -1345,8 +1376,8 @@ def open_input(path):
 
 
 def count_lines(path):
-    """The number of lines in a regular file (for the progress bar), or None for standard input."""
-    if path == "-" or not os.path.isfile(path):
+    """The number of lines in a regular file up to 1 GiB (for the progress bar); None for others or standard input."""
+    if path == "-" or not os.path.isfile(path) or os.path.getsize(path) > 1 << 30:
         return None
     lines, last = 0, b"\n"
     with open(path, "rb") as f:
@@ -1400,20 +1431,40 @@ def resume_point(checkpoint, writer, log, hidden):
     return read
 
 
-class InputChanged(Exception):
-    """The input's first lines are not those the partial output was made from."""
+SERVER_OPTIONS = ("server", "ip", "port", "port_out", "timeout", "in_flight")
+MODEL_OPTIONS = ("layer", "device", "max_seq_len")
+
+
+def check_options(args):
+    """Refuse values and combinations of options that cannot work, and fill in the defaults of the chosen mode."""
+    flags = lambda names: "/".join("--" + name.replace("_", "-") for name in names)   # noqa: E731
+    if args.model and any(getattr(args, name) is not None for name in SERVER_OPTIONS):
+        raise UsageError(f"--model runs the model in this process; leave out {flags(SERVER_OPTIONS)}")
+    if not args.model and any(getattr(args, name) is not None for name in MODEL_OPTIONS):
+        raise UsageError(f"{flags(MODEL_OPTIONS)} go with --model; a server's layer and length are set by "
+                         f"bert-serving-start (-pooling_layer, -max_seq_len)")
+    args.timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    args.in_flight = DEFAULT_IN_FLIGHT if args.in_flight is None else args.in_flight
+    args.layer, args.device = args.layer or "-2", args.device or "auto"
+    if not 0 < args.timeout <= 1e6:   # also refuses nan and inf
+        raise UsageError(f"--timeout {args.timeout:g}: give seconds between 0 and 1000000")
+    for name in ("batch_size", "in_flight", "max_seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"{flags([name])} must be at least 1")
+    try:
+        args.encoding = codecs.lookup(args.encoding).name
+    except LookupError:
+        raise UsageError(f"unknown encoding {args.encoding!r}") from None
+    if args.encoding == "utf-8-sig":
+        args.encoding = "utf-8"   # a leading BOM is dropped anyway, and only there
+    if "a\n".encode(args.encoding) != b"a\n":
+        raise UsageError(f"--encoding {args.encoding}: lines are read up to the byte \\n, which {args.encoding} does "
+                         f"not use; convert the file first: iconv -f {args.encoding} -t utf-8 IN > OUT")
 
 
 def run(args, stats):
     """Embed the input and write the output, counting in ``stats``."""
-    if args.batch_size < 1 or args.in_flight < 1 or args.timeout <= 0:
-        raise UsageError("--batch-size, --in-flight and --timeout must be positive")
-    if args.model and (args.server or args.ip or args.port is not None or args.port_out is not None):
-        raise UsageError("--model runs the model in this process; leave out --server/--ip/--port/--port-out")
-    try:
-        codecs.lookup(args.encoding)
-    except LookupError:
-        raise UsageError(f"unknown encoding {args.encoding!r}") from None
+    check_options(args)
     writer_class = NpyWriter if args.output.endswith(".npy") else PickleWriter
     stream = open_input(args.input)
     backend = writer = checkpoint = None
@@ -1448,7 +1499,7 @@ def run(args, stats):
             writer.start(backend.hidden)
         embed = embed_locally if args.model else embed_via_servers
         arrays = embed(iter(log), backend, args.merge, args.batch_size, CHUNK_LINES, stats)
-        total = count_lines(args.input)
+        total = None if args.quiet else count_lines(args.input)
         try:
             for array in progress_bar(arrays, total and total - written, args.quiet):
                 writer.write(array)
@@ -1465,7 +1516,7 @@ def run(args, stats):
         if writer and not finished:
             if checkpoint and written:
                 save_progress(checkpoint, writer, log, written)
-            elif args.resume and os.path.exists(args.output + ".partial.json"):
+            elif args.resume and os.path.exists(Checkpoint.record_path(args.output)):
                 for staged in writer.files:   # a partial output this run did not get to use
                     staged.keep()
             else:
@@ -1489,7 +1540,7 @@ def save_progress(checkpoint, writer, log, written):
 
 def resume_hint(args):
     """What to say about the partial work a failed run kept."""
-    if args.resume and os.path.exists(args.output + ".partial.json"):
+    if args.resume and os.path.exists(Checkpoint.record_path(args.output)):
         return f"; the partial work is in {args.output}.partial: run the same command again to continue it"
     return "" if args.resume else "; --resume keeps partial work of long runs"
 
@@ -1502,7 +1553,7 @@ def join_layer_lists(argv):
     """Turn "--layer -1,-2" into "--layer=-1,-2": argparse takes a value that starts with "-" and is no number for an option."""
     joined = []
     for arg in argv:
-        if joined and joined[-1] == "--layer" and re.fullmatch(r"-\d+(,-?\d+)+", arg):
+        if joined and joined[-1] == "--layer" and re.fullmatch(r"-[-\d,]*", arg):
             joined[-1] = f"--layer={arg}"
         else:
             joined.append(arg)
@@ -1519,12 +1570,12 @@ def main(argv=None):
         print(f"bert_token_embed: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"bert_token_embed: error: {err} ({stats.lines} lines were done; {args.output} was left as it was"
+        print(f"bert_token_embed: error: {err} ({plural(stats.lines, 'line')} done; {args.output} was left as it was"
               f"{resume_hint(args)})", file=sys.stderr)
         return 1
     except (Interrupted, KeyboardInterrupt) as err:
         status = err.args[0] if isinstance(err, Interrupted) else 130
-        print(f"bert_token_embed: interrupted after {stats.lines} lines; {args.output} was left as it was"
+        print(f"bert_token_embed: interrupted after {plural(stats.lines, 'line')}; {args.output} was left as it was"
               f"{resume_hint(args)}", file=sys.stderr)
         return status
     finally:

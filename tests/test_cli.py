@@ -449,3 +449,31 @@ def test_token_longer_than_a_window_keeps_all_its_pieces_when_checked_with_the_s
     assert len(expect.token_pieces(srv, "a-" * 15)) == 30
     arrays, _ = embed(text, "--merge", how)
     check_all(srv, tables, expect, text, arrays, how)
+
+
+# ---------------------------------------------------------------- option checks
+
+@pytest.mark.parametrize("args, words", [
+    (["--timeout", "inf"], "--timeout inf"),
+    (["--timeout", "nan"], "--timeout nan"),
+    (["--timeout", "0"], "--timeout 0"),
+    (["--in-flight", "0"], "--in-flight must be at least 1"),
+    (["--layer", "-1"], "go with --model"),
+    (["--max-seq-len", "64"], "go with --model"),
+    (["--encoding", "utf-16"], "iconv -f utf-16 -t utf-8"),
+])
+def test_options_that_cannot_work_are_one_line_before_any_work(run_cli, tmp_path, args, words):
+    (tmp_path / "in.txt").write_text(HELLO)
+    rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *args])
+    assert rc == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_utf8_sig_drops_only_the_leading_bom(uncased_server, run_cli, tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"\xef\xbb\xbfa b\n\xef\xbb\xbf c\n")
+    with uncased_server(max_seq_len=None, hidden=4) as srv:
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--encoding", "utf-8-sig", "-q",
+                              "--server", f"127.0.0.1:{srv.port}:{srv.port_out}"])
+    assert rc == 0, err
+    with open(tmp_path / "out.pkl", "rb") as f:
+        assert [a.shape for a in pickle.load(f)] == [(2, 4), (2, 4)]   # line 2 is "\ufeff c": two tokens

@@ -61,7 +61,7 @@ def test_a_server_that_dies_mid_run_fails_within_the_timeout(tmp_path, uncased_s
     assert status == 1
     message = one_line(err)
     assert f"127.0.0.1:{srv.port}:{srv.port_out}" in message and "after 2 replies" in message
-    assert "lines were done" in message and "--resume" in message
+    assert "lines done" in message and "--resume" in message
     assert elapsed < 20
     assert_untouched(tmp_path, before)
 
@@ -168,6 +168,13 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_server_work(tm
     assert status == 2 and "is a directory" in one_line(err)
 
 
+def test_npy_output_whose_offsets_path_is_a_directory_leaves_nothing_behind(tmp_path, run_cli):
+    (tmp_path / "out.offsets.npy").mkdir()
+    status, _, err = run_cli([REPO / "input.txt", "-o", tmp_path / "out.npy", "--port", "1", "--timeout", "1"])
+    assert status == 2 and "is a directory" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.offsets.npy"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_an_unwritable_output_directory_is_refused(tmp_path, run_cli):
     locked = tmp_path / "locked"
@@ -214,7 +221,7 @@ def test_a_one_megabyte_line(tmp_path, uncased_server, run_cli):
     got = load(tmp_path / "out.pkl")
     assert [a.shape for a in got] == [(170_000, 4), (2, 4)]
     assert not (got[0] == 0).all(axis=1).any()
-    assert "1 lines needed extra windows" in err
+    assert "1 line needed extra windows" in err
 
 
 def test_carriage_return_line_ends_are_not_line_ends(tmp_path, uncased_server, run_cli):

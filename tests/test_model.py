@@ -201,7 +201,7 @@ def test_model_and_server_options_together_are_a_usage_error(tmp_path):
 
 def test_missing_model_directory_is_a_usage_error(tmp_path):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.pkl"))
-    assert status == 2 and err.count("\n") == 1 and "cannot load model" in err
+    assert status == 2 and err.count("\n") == 1 and "model directory" in err and "not found" in err
     assert not list(tmp_path.iterdir())
 
 
@@ -214,3 +214,21 @@ def test_without_torch_the_message_says_what_to_install(tmp_path):
     assert proc.returncode == 2
     assert "pip install -r requirements.txt -r requirements-local.txt" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "bogus"], "--device bogus"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--max-seq-len", "2"], "leaves no room"),
+    (["--layer", "-1,,-2"], "--layer -1,,-2"),
+    (["--layer", "9"], "has hidden states"),
+])
+def test_model_options_that_cannot_work_are_one_line(tmp_path, args, words):
+    status, err = cli(os.path.join(ROOT, "input.txt"), "--model", MODEL, "-o", str(tmp_path / "x.pkl"), *args)
+    assert status == 2 and err.count("\n") == 1 and words in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_directory_without_a_model_is_named(tmp_path):
+    status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path), "-o", str(tmp_path / "x.pkl"))
+    assert status == 2 and "no Hugging Face model directory" in err and err.count("\n") == 1

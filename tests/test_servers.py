@@ -5,8 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from bert_token_embed import UsageError, parse_server
-from conftest import free_port_pair
+from bert_token_embed import UsageError, build_parser, parse_server, server_addresses
 
 WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
 
@@ -101,16 +100,26 @@ def test_ip_port_port_out(fast, run_cli, tmp_path):
         assert [a.shape for a in pickle.load(f)] == [(3, 16), (2, 16)]
 
 
-def test_port_out_defaults_to_port_plus_one(uncased_server, run_cli, tmp_path, expect):
-    port = free_port_pair()
+def test_ip_port_port_out_and_server_reach_the_same_server(uncased_server, run_cli, tmp_path, expect):
     (tmp_path / "in.txt").write_text("Hello World !\n")
-    with uncased_server(port=port, port_out=port + 1, max_seq_len=None) as server:
-        for args in (["--ip", "127.0.0.1", "--port", port], ["--server", f"127.0.0.1:{port}"]):
+    with uncased_server(max_seq_len=None) as server:
+        for args in (["--ip", "127.0.0.1", "--port", server.port, "--port-out", server.port_out],
+                     ["--server", f"127.0.0.1:{server.port}:{server.port_out}"]):
             rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "-q", *args])
             assert rc == 0, err
             with open(tmp_path / "out.pkl", "rb") as f:
                 np.testing.assert_allclose(pickle.load(f)[0], expect.line(server, "Hello World !", "mean"),
                                            rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], [("localhost", 5555, 5556)]),
+    (["--port", "6000"], [("localhost", 6000, 5556)]),            # as bert-serving-client: port_out stays 5556
+    (["--ip", "gpu1", "--port-out", "7000"], [("gpu1", 5555, 7000)]),
+    (["--server", "gpu1", "--server", "gpu2:6000:6001"], [("gpu1", 5555, 5556), ("gpu2", 6000, 6001)]),
+])
+def test_server_addresses_defaults_follow_bert_serving_client(argv, expected):
+    assert server_addresses(build_parser().parse_args(argv)) == expected
 
 
 def test_server_and_ip_together_is_a_usage_error(fast, run_cli, tmp_path, expect):
@@ -164,10 +173,10 @@ def test_the_only_server_lost_mid_run_exits_1_and_keeps_the_old_output(uncased_s
 
 @pytest.mark.parametrize("spec, expected", [
     ("gpu1", ("gpu1", 5555, 5556)),
-    ("gpu2:6000", ("gpu2", 6000, 6001)),
+    ("gpu2:6000", ("gpu2", 6000, 5556)),
     ("gpu2:6000:7000", ("gpu2", 6000, 7000)),
     ("10.0.0.5:5555:5556", ("10.0.0.5", 5555, 5556)),
-    (":6000", ("localhost", 6000, 6001)),
+    (":6000", ("localhost", 6000, 5556)),
     ("", ("localhost", 5555, 5556)),
 ])
 def test_parse_server(spec, expected):
