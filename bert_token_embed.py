@@ -261,6 +261,17 @@ class PieceCounter:
             self.seen.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
 
 
+class Window(collections.namedtuple("Window", "sentence start own end size")):
+    """Units [start, end) of a sentence, sent as one text, of about ``size`` pieces; rows are kept for units from ``own`` on (the rest is context)."""
+
+    __slots__ = ()
+
+    @property
+    def units(self):
+        """The texts of the window's units."""
+        return self.sentence.units[self.start:self.end]
+
+
 class Sentence:
     """One input line on its way to token rows.
 
@@ -290,6 +301,7 @@ class Sentence:
 
     @property
     def done(self):
+        """True once every unit has its row and no window is in flight."""
         return self.in_flight == 0 and all(self.covered)
 
     def empty_tokens(self):
@@ -383,16 +395,6 @@ class Sentence:
         return windows
 
 
-class Window(collections.namedtuple("Window", "sentence start own end size")):
-    """Units [start, end) of a sentence, sent as one text, of about ``size`` pieces; rows are kept for units from ``own`` on (the rest is context)."""
-
-    __slots__ = ()
-
-    @property
-    def units(self):
-        return self.sentence.units[self.start:self.end]
-
-
 # ---------------------------------------------------------------- merge piece rows into token rows
 
 MERGES = ("mean", "last", "first", "sum", "max")
@@ -408,6 +410,7 @@ def merge_segments(rows, counts, how, index=None):
     ``np.add.reduceat`` along axis 0.
     """
     def at(positions):
+        """The rows at these positions of the segments."""
         return rows[positions if index is None else index[positions]]
 
     counts = np.asarray(counts, dtype=np.int64)
@@ -540,6 +543,7 @@ class Server:
         return self.config
 
     def send(self, request):
+        """Send a request without waiting for its reply."""
         if not self.in_flight:
             self.last_heard = time.monotonic()
         with warnings.catch_warnings():
@@ -564,6 +568,7 @@ class Server:
         return request_id, array, header.get("tokens", "")
 
     def close(self):
+        """Close the client's sockets (once)."""
         if not self.client.context.closed:
             self.client.close()
 
@@ -650,10 +655,12 @@ class ServerPool:
         return {"lowercase": self.lowercase, "limit": self.limit, "hidden": self.hidden}
 
     def has_room(self):
+        """True if some server has fewer requests in flight than it may."""
         return any(len(s.in_flight) < self.in_flight for s in self.servers)
 
     @property
     def busy(self):
+        """True if some server has a request in flight."""
         return any(s.in_flight for s in self.servers)
 
     def submit(self, request):
@@ -702,6 +709,7 @@ class ServerPool:
         warn(message + f" Sending its batches to the {len(self.servers)} other server(s).")
 
     def close(self):
+        """Close every server's client."""
         for server in self.servers:
             server.close()
         self.servers = []
@@ -732,30 +740,112 @@ def check_reply(server, request, embedding, tokens, hidden):
 
 
 def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
-    """Yield one (tokens, hidden) array per input line, in input order, keeping every server's queue full.
+    """Yield one (tokens, hidden) array per input line, in input order, keeping every server's queue full."""
+    return iter(ServerRun(lines, pool, how, batch_size, chunk_lines, stats))
 
-    Lines are read a chunk at a time; a chunk's windows are sent in order of length, so a
-    server started with -max_seq_len NONE pads little. A window whose pieces do not spell
-    its units as expected (the server's Unicode tables differ from ours) is settled by
-    asking the server for each of its units alone; a window the server truncated leaves
-    its uncovered units for a next window with left context.
+
+class ServerRun:
+    """The work of one server-mode run: lines read, windows queued and in flight, rows merged, lines handed out.
+
+    Lines are read a chunk at a time, between replies, and a chunk's windows are sent in
+    order of length, so a server started with -max_seq_len NONE pads little. A window
+    whose pieces do not spell its units as expected (the server's Unicode tables differ
+    from ours) is settled by asking the server for each of its units alone; a window the
+    server truncated leaves its uncovered units for a next window with left context.
     """
-    limit = pool.limit
-    counter = PieceCounter(pool.lowercase)
-    chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones are sorted with learnt counts
 
-    known_pieces = {}          # unit text -> the server's pieces for it alone (only units that surprised us)
-    staged, staged_lines = [], []   # windows and lines of the chunk being read
-    waiting = []               # (window, pieces, rows) that wait for their units' pieces
-    open_lines = collections.deque()
-    queue = collections.deque()
-    numbered = enumerate(lines, 1)
-    exhausted = False
+    def __init__(self, lines, pool, how, batch_size, chunk_lines, stats):
+        self.pool, self.how, self.batch_size, self.stats = pool, how, batch_size, stats
+        self.limit = pool.limit
+        self.counter = PieceCounter(pool.lowercase)
+        self.numbered = enumerate(lines, 1)
+        self.exhausted = False
+        self.chunk_lines = chunk_lines
+        self.chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones sort with learnt counts
+        self.staged, self.staged_lines = [], []           # windows and lines of the chunk being read
+        self.open_lines = collections.deque()             # lines read and not yet handed out, in input order
+        self.queue = collections.deque()                  # requests waiting for a server with room
+        self.known_pieces = {}                            # unit -> the server's pieces for it alone
+        self.waiting = []                                 # (window, pieces, rows) waiting for known_pieces
 
-    def handle(window, pieces, rows, parts, touched):
-        """Align one window's pieces; queue what it needs next, or add its rows to ``parts``.
+    def __iter__(self):
+        """Yield each line's rows in input order while reading, sending and receiving in turn."""
+        pool = self.pool
+        while True:
+            yield from self.finished_lines()
+            if pool.orphans:
+                self.stats.resent += len(pool.orphans)
+                self.queue.extendleft(reversed(pool.orphans))
+                pool.orphans.clear()
+            self.queue_chunk_if_ready()
+            while self.queue and pool.has_room():
+                pool.submit(self.queue.popleft())
+            can_read = not self.exhausted and len(self.open_lines) < 2 * self.chunk_lines
+            if not (pool.busy or self.queue or can_read or self.staged):
+                return
+            # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
+            reply = pool.receive(wait=not can_read) if pool.busy else None
+            if reply is not None:
+                self.take_reply(*reply)
+            elif can_read:
+                self.read_some()
 
-        ``rows`` is (a (rows, D) array, the row of the window's first piece in it).
+    def finished_lines(self):
+        """Hand out the rows of the lines at the front that are done."""
+        while self.open_lines and self.open_lines[0].done:
+            sentence = self.open_lines.popleft()
+            self.stats.add(len(sentence.tokens), sentence.empty_tokens(), sentence.windows,
+                           sentence.resynced, sentence.truncated_units)
+            yield token_rows(sentence, self.how, self.pool.hidden)
+
+    def read_some(self):
+        """Read a few lines and plan their windows into the chunk being read."""
+        read = 0
+        for number, line in itertools.islice(self.numbered, READ_STEP):
+            read += 1
+            sentence = Sentence(number, line.split(), self.counter)
+            self.open_lines.append(sentence)
+            self.staged_lines.append(sentence)
+            self.staged.extend(sentence.plan(self.limit))
+        self.exhausted = read < READ_STEP
+
+    def queue_chunk_if_ready(self):
+        """Queue the chunk being read, in order of length, once it is complete (or a server would idle)."""
+        starving = (self.chunk == self.chunk_lines and not self.queue and not self.pool.busy
+                    and len(self.staged_lines) >= FIRST_CHUNK_LINES)
+        if self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving):
+            self.staged.sort(key=lambda w: w.size)
+            self.queue.extend(embed_requests(self.staged, self.batch_size))
+            self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
+
+    def take_reply(self, server, request, embedding, tokens):
+        """Check a reply, place its pieces on the tokens, merge the rows and plan what the sentences still need."""
+        check_reply(server, request, embedding, tokens, self.pool.hidden)
+        parts, touched = [], []
+        if request.kind == "pieces":
+            if len(self.known_pieces) > KNOWN_PIECES_LIMIT:
+                self.known_pieces.clear()   # a window still waiting asks again
+            for unit, pieces in zip(request.texts, tokens):
+                # A unit cut off even alone is not known whole: what follows its pieces matches nothing.
+                self.known_pieces[unit] = pieces[1:-1] + ([CUT_OFF] if len(pieces) - 2 >= self.limit else [])
+            parked, self.waiting = self.waiting, []
+            for window, pieces, rows in parked:
+                self.place(window, pieces, rows, parts, touched)
+        else:
+            flat = embedding.reshape(-1, embedding.shape[2])
+            for i, (window, pieces) in enumerate(zip(request.windows, tokens)):
+                self.place(window, pieces[1:-1], (flat, i * embedding.shape[1] + 1), parts, touched)
+        merge_parts(parts, self.how)
+        for sentence in touched:
+            if sentence.in_flight == 0 and not sentence.done:
+                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.limit), self.batch_size)))
+
+    def place(self, window, pieces, rows, parts, touched):
+        """Align one window's pieces to its units and add the rows to keep to ``parts``, or park the window.
+
+        ``rows`` is (a (rows, D) array, the row of the window's first piece in it). A
+        window that does not align, or whose alignment may be fooled, waits for the
+        server's pieces of each of its units alone.
         """
         units = window.units
         basic = window.sentence.basic[window.start:window.end]
@@ -763,81 +853,23 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
         # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
         unsure = ("[UNK]" in pieces or not all(basic)) and any(map(unicode_may_differ, units))
-        if counts is None or unsure or (len(counts) < len(units) and len(pieces) < limit):
-            known = [known_pieces.get(unit) for unit in units]
+        if counts is None or unsure or (len(counts) < len(units) and len(pieces) < self.limit):
+            known = [self.known_pieces.get(unit) for unit in units]
             if any(k is None for k in known):
                 need = list(dict.fromkeys(u for u, k in zip(units, known) if k is None))
-                waiting.append((window, pieces, (np.array(rows[0][rows[1]:rows[1] + len(pieces)]), 0)))
-                queue.appendleft(Request("pieces", (), need))
+                source, base = rows
+                self.waiting.append((window, pieces, (np.array(source[base:base + len(pieces)]), 0)))
+                self.queue.appendleft(Request("pieces", (), need))
                 window.sentence.resynced = True
                 return
             counts = counts_from_known_pieces(known, pieces)
-            if counts is None or (len(counts) < len(known) and len(pieces) < limit):
-                raise RunError(
-                    f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
-                    f"(tokens {units!r}, server pieces {pieces!r})")
+            if counts is None or (len(counts) < len(known) and len(pieces) < self.limit):
+                raise RunError(f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
+                               f"(tokens {units!r}, server pieces {pieces!r})")
         kept = window.sentence.accept(window, counts, len(pieces))
         if kept:
             parts.append((window, rows, kept))
         touched.append(window.sentence)
-
-    while True:
-        while open_lines and open_lines[0].done:
-            sentence = open_lines.popleft()
-            stats.add(len(sentence.tokens), sentence.empty_tokens(), sentence.windows,
-                      sentence.resynced, sentence.truncated_units)
-            yield token_rows(sentence, how, pool.hidden)
-        if pool.orphans:
-            stats.resent += len(pool.orphans)
-            queue.extendleft(reversed(pool.orphans))
-            pool.orphans.clear()
-        # After the first chunk, a server with nothing to do gets what is read so far (but not just a few lines).
-        starving = (chunk == chunk_lines and not queue and not pool.busy
-                    and len(staged_lines) >= FIRST_CHUNK_LINES)
-        if staged and (len(staged_lines) >= chunk or exhausted or starving):
-            # A chunk is read: send its windows in order of length.
-            staged.sort(key=lambda w: w.size)
-            queue.extend(embed_requests(staged, batch_size))
-            staged, staged_lines, chunk = [], [], chunk_lines
-        while queue and pool.has_room():
-            pool.submit(queue.popleft())
-        can_read = not exhausted and len(open_lines) < 2 * chunk_lines
-        if not (pool.busy or queue or can_read or staged):
-            return
-        # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
-        reply = pool.receive(wait=not can_read) if pool.busy else None
-        if reply is None:
-            if can_read:
-                read = 0
-                for number, line in itertools.islice(numbered, READ_STEP):
-                    read += 1
-                    sentence = Sentence(number, line.split(), counter)
-                    open_lines.append(sentence)
-                    staged_lines.append(sentence)
-                    staged.extend(sentence.plan(limit))
-                exhausted = read < READ_STEP
-            continue
-        server, request, embedding, tokens = reply
-        check_reply(server, request, embedding, tokens, pool.hidden)
-        if request.kind == "pieces":
-            if len(known_pieces) > KNOWN_PIECES_LIMIT:
-                known_pieces.clear()   # a window still waiting asks again
-            for unit, pieces in zip(request.texts, tokens):
-                # A unit cut off even alone is not known whole: what follows its pieces matches nothing.
-                known_pieces[unit] = pieces[1:-1] + ([CUT_OFF] if len(pieces) - 2 >= limit else [])
-            parked, waiting[:] = waiting[:], []
-            parts, touched = [], []
-            for window, pieces, rows in parked:
-                handle(window, pieces, rows, parts, touched)
-        else:
-            parts, touched = [], []
-            flat = embedding.reshape(-1, embedding.shape[2])
-            for i, (window, pieces) in enumerate(zip(request.windows, tokens)):
-                handle(window, pieces[1:-1], (flat, i * embedding.shape[1] + 1), parts, touched)
-        merge_parts(parts, how)
-        for sentence in touched:
-            if sentence.in_flight == 0 and not sentence.done:
-                queue.extendleft(reversed(embed_requests(sentence.plan(limit), batch_size)))
 
 
 # ---------------------------------------------------------------- run a model in this process (--model)
@@ -976,6 +1008,7 @@ class LocalModel:
                 "layers": list(self.layers), "limit": self.limit, "hidden": self.hidden}
 
     def close(self):
+        """Nothing to release: the model is freed with the object."""
         pass
 
 
@@ -1023,6 +1056,7 @@ class Stats:
         self.cut_tokens = self.resent = self.resumed = 0
 
     def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
+        """Count one finished line."""
         self.lines += 1
         self.tokens += tokens
         self.empty_tokens += empty_tokens
@@ -1031,6 +1065,7 @@ class Stats:
         self.cut_tokens += cut_tokens
 
     def summary(self, output):
+        """The one-line summary printed at the end."""
         seconds = time.monotonic() - self.started
         text = (f"{plural(self.lines, 'line')}, {plural(self.tokens, 'token')} ({self.empty_tokens} with no word "
                 f"piece, zero rows), {plural(self.long_lines, 'line')} needed extra windows, {seconds:.1f} s -> {output}")
@@ -1079,6 +1114,7 @@ class StagedFile:
         self.file.truncate()
 
     def commit(self):
+        """Rename the finished file over the target."""
         self.file.close()
         os.replace(self.temporary, self.path)
         self.temporary = None
@@ -1096,6 +1132,7 @@ class StagedFile:
         self.temporary = None
 
     def discard(self):
+        """Remove the temporary file (the target is left as it was)."""
         if self.temporary:
             self.close()
             os.unlink(self.temporary)
@@ -1124,6 +1161,7 @@ class PickleWriter:
         self.files[0].truncate(sizes[0])
 
     def write(self, array):
+        """Add one line's array to the list."""
         self.pending.append(array)
         if len(self.pending) >= self.batch:
             self.flush()
@@ -1142,6 +1180,7 @@ class PickleWriter:
         return [file.tell()]
 
     def commit(self, hidden):
+        """End the list, and the pickle, and rename it over the target."""
         self.flush()
         self.files[0].file.write(b".")
         self.files[0].commit()
@@ -1167,17 +1206,20 @@ class NpyWriter:
 
     @classmethod
     def header(cls, descr, shape):
+        """A .npy version 1.0 header of exactly HEADER bytes."""
         text = repr({"descr": descr, "fortran_order": False, "shape": shape})
         size = cls.HEADER - 10
         return b"\x93NUMPY\x01\x00" + size.to_bytes(2, "little") + text.ljust(size - 1).encode("latin1") + b"\n"
 
     def start(self, hidden):
+        """Begin both files: room for their headers, and the first offset, 0."""
         for staged in self.files:
             staged.truncate(0)
             staged.file.write(bytes(self.HEADER))
         self.write_offset(0)
 
     def restore(self, sizes, hidden):
+        """Continue partial files that held complete lines up to ``sizes``."""
         matrix, index = self.files
         matrix.truncate(sizes[0])
         index.truncate(sizes[1] - 8)
@@ -1185,19 +1227,23 @@ class NpyWriter:
         self.write_offset(self.rows)
 
     def write_offset(self, rows):
+        """Append one entry to the offsets file."""
         self.files[1].file.write(np.int64(rows).astype("<i8").tobytes())
 
     def write(self, array):
+        """Append one line's rows and its end offset."""
         self.files[0].file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
         self.rows += len(array)
         self.write_offset(self.rows)
 
     def flush(self):
+        """Hand what is written to the OS; return both files' sizes."""
         for staged in self.files:
             staged.file.flush()
         return [staged.file.tell() for staged in self.files]
 
     def commit(self, hidden):
+        """Write the final shapes into both headers and rename both files over their targets."""
         matrix, index = self.files
         lines = (self.flush()[1] - self.HEADER) // 8 - 1
         matrix.file.seek(0)
@@ -1230,6 +1276,7 @@ class LineLog:
         self.sha = hashlib.sha256()
 
     def __iter__(self):
+        """Yield the lines, remembering them until they are hashed."""
         for line in self.lines:
             self.unhashed.append(line)
             yield line
@@ -1271,12 +1318,14 @@ class Checkpoint:
             return None
 
     def save(self, lines, digest, sizes):
+        """Write the record atomically: lines done, their hash and the partial files' sizes."""
         record = {"settings": self.settings, "lines": lines, "sha256": digest, "sizes": sizes}
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f)
         os.replace(self.path + ".tmp", self.path)
 
     def remove(self):
+        """Delete the record (the run finished, or its partial files are being emptied)."""
         if os.path.exists(self.path):
             os.unlink(self.path)
 
@@ -1298,6 +1347,7 @@ NAME.offsets.npy. Exit status: 0 done, 2 usage, input or server configuration er
 
 
 def build_parser():
+    """The command line: every option, its default and its help text."""
     parser = argparse.ArgumentParser(
         prog="bert_token_embed.py",
         description="Turn each whitespace token of each input line into one BERT vector: the rows of the "
@@ -1397,6 +1447,7 @@ def progress_bar(arrays, total, quiet):
         return arrays
 
     def counted():
+        """The arrays, passed through, with the bar updated for each."""
         tokens = 0
         with tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True) as bar:
             for array in arrays:
@@ -1467,14 +1518,11 @@ def run(args, stats):
     check_options(args)
     writer_class = NpyWriter if args.output.endswith(".npy") else PickleWriter
     stream = open_input(args.input)
-    backend = writer = checkpoint = None
+    backend = writer = checkpoint = log = None
     written, finished = 0, False
     try:
         writer = writer_class(args.output, args.resume)
-        if args.model:
-            backend = LocalModel(args.model, parse_layers(args.layer), args.device, args.max_seq_len)
-        else:
-            backend = ServerPool(server_addresses(args), args.timeout, args.in_flight)
+        backend = open_backend(args)
         log = LineLog(read_lines(stream, args.input, args.encoding, args.errors))
         if args.resume:
             checkpoint = Checkpoint(args.output, {
@@ -1514,27 +1562,32 @@ def run(args, stats):
             checkpoint.remove()
     finally:
         if writer and not finished:
-            if checkpoint and written:
-                save_progress(checkpoint, writer, log, written)
-            elif args.resume and os.path.exists(Checkpoint.record_path(args.output)):
-                for staged in writer.files:   # a partial output this run did not get to use
-                    staged.keep()
-            else:
-                for staged in writer.files:
-                    staged.discard()
+            leave_unfinished(writer, checkpoint, log, written, args)
         if backend:
             backend.close()
         if stream is not sys.stdin.buffer:
             stream.close()
 
 
-def save_progress(checkpoint, writer, log, written):
-    """On a failed --resume run: record what the partial output holds and keep it for the next run."""
-    try:
-        checkpoint.save(written, log.digest_through(written), writer.flush())
-    except OSError:
-        pass   # the last record saved still describes a prefix of the partial files
-    for staged in writer.files:
+def open_backend(args):
+    """The in-process model (--model) or the pool of servers, checked and ready."""
+    if args.model:
+        return LocalModel(args.model, parse_layers(args.layer), args.device, args.max_seq_len)
+    return ServerPool(server_addresses(args), args.timeout, args.in_flight)
+
+
+def leave_unfinished(writer, checkpoint, log, written, args):
+    """After a failed run: remove its files, or with --resume keep them, recording what they hold."""
+    if checkpoint and written:
+        try:
+            checkpoint.save(written, log.digest_through(written), writer.flush())
+        except OSError:
+            pass   # the last record saved still describes a prefix of the partial files
+    elif not (args.resume and os.path.exists(Checkpoint.record_path(args.output))):
+        for staged in writer.files:
+            staged.discard()
+        return
+    for staged in writer.files:   # partial work, this run's or an earlier one's it did not get to use
         staged.keep()
 
 
@@ -1546,6 +1599,7 @@ def resume_hint(args):
 
 
 def on_signal(number, frame):
+    """Turn SIGTERM into an exception, so the run stops like on Ctrl-C and cleans up."""
     raise Interrupted(128 + number)
 
 
@@ -1561,6 +1615,7 @@ def join_layer_lists(argv):
 
 
 def main(argv=None):
+    """Run the tool on ``argv`` (default: the command line); return the exit status."""
     args = build_parser().parse_args(join_layer_lists(sys.argv[1:] if argv is None else argv))
     previous = signal.signal(signal.SIGTERM, on_signal)
     stats = Stats()
