@@ -39,9 +39,10 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_IN_FLIGHT = 3   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
-CHUNK_LINES = 2048        # lines read and sorted by length at once; at most two chunks are held
+CHUNK_LINES = 1024        # lines read and sorted by length at once; at most two chunks are held
 FIRST_CHUNK_LINES = 512
 READ_STEP = 128           # lines read between looks for replies
+PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
 KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
 
@@ -602,10 +603,25 @@ class Request(collections.namedtuple("Request", "kind windows texts")):
 
 
 def embed_requests(windows, batch_size):
-    """Requests of at most ``batch_size`` windows each, every window sent as its units joined by SEPARATOR."""
-    return [Request("embed", tuple(windows[i:i + batch_size]),
-                    [SEPARATOR.join(w.units) for w in windows[i:i + batch_size]])
-            for i in range(0, len(windows), batch_size)]
+    """Requests of the windows in order, each window sent as its units joined by SEPARATOR.
+
+    A request holds at most ``batch_size`` windows, and ends early where padding every
+    window to the longest (as the server does) would cost more than PADDING_LIMIT times
+    the positions themselves; sorted windows then make few, full requests.
+    """
+    requests, batch, useful, longest = [], [], 0, 0
+    for window in windows:
+        size = window.size + 2   # [CLS] and [SEP]
+        if batch and (len(batch) == batch_size
+                      or (len(batch) + 1) * max(longest, size) > PADDING_LIMIT * (useful + size)):
+            requests.append(Request("embed", tuple(batch), [SEPARATOR.join(w.units) for w in batch]))
+            batch, useful, longest = [], 0, 0
+        batch.append(window)
+        useful += size
+        longest = max(longest, size)
+    if batch:
+        requests.append(Request("embed", tuple(batch), [SEPARATOR.join(w.units) for w in batch]))
+    return requests
 
 
 class ServerPool:
