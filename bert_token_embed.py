@@ -39,7 +39,8 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_IN_FLIGHT = 3   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
-CHUNK_LINES = 1024        # lines read and sorted by length at once; at most two chunks are held
+CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
+MODEL_CHUNK_LINES = 4096  # embedded mode: lines tokenized, sorted by length and held at once
 FIRST_CHUNK_LINES = 512
 READ_STEP = 128           # lines read between looks for replies
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
@@ -602,26 +603,30 @@ class Request(collections.namedtuple("Request", "kind windows texts")):
     __slots__ = ()
 
 
-def embed_requests(windows, batch_size):
-    """Requests of the windows in order, each window sent as its units joined by SEPARATOR.
+def batch_bounds(sizes, batch_size):
+    """Cut items of these sizes, in order, into batches: (first, end) index pairs.
 
-    A request holds at most ``batch_size`` windows, and ends early where padding every
-    window to the longest (as the server does) would cost more than PADDING_LIMIT times
-    the positions themselves; sorted windows then make few, full requests.
+    A batch holds at most ``batch_size`` items and ends early where padding every item
+    to the batch's longest would cost more than PADDING_LIMIT times the items' sizes;
+    items sorted by size then make few, full batches.
     """
-    requests, batch, useful, longest = [], [], 0, 0
-    for window in windows:
-        size = window.size + 2   # [CLS] and [SEP]
-        if batch and (len(batch) == batch_size
-                      or (len(batch) + 1) * max(longest, size) > PADDING_LIMIT * (useful + size)):
-            requests.append(Request("embed", tuple(batch), [SEPARATOR.join(w.units) for w in batch]))
-            batch, useful, longest = [], 0, 0
-        batch.append(window)
+    bounds, first, useful, longest = [], 0, 0, 0
+    for i, size in enumerate(sizes):
+        if i > first and (i - first == batch_size
+                          or (i - first + 1) * max(longest, size) > PADDING_LIMIT * (useful + size)):
+            bounds.append((first, i))
+            first, useful, longest = i, 0, 0
         useful += size
         longest = max(longest, size)
-    if batch:
-        requests.append(Request("embed", tuple(batch), [SEPARATOR.join(w.units) for w in batch]))
-    return requests
+    if len(sizes) > first:
+        bounds.append((first, len(sizes)))
+    return bounds
+
+
+def embed_requests(windows, batch_size):
+    """Requests for the windows in order, each window sent as its units joined by SEPARATOR."""
+    return [Request("embed", tuple(windows[first:end]), [SEPARATOR.join(w.units) for w in windows[first:end]])
+            for first, end in batch_bounds([w.size + 2 for w in windows], batch_size)]   # + [CLS] and [SEP]
 
 
 class ServerPool:
@@ -1048,8 +1053,8 @@ def embed_locally(lines, model, how, batch_size, chunk_lines, stats):
             windows.extend((k, start, keep_from, keep_to, ids[start:start + model.limit])
                            for start, keep_from, keep_to in planned)
         windows.sort(key=lambda w: len(w[4]))
-        for first in range(0, len(windows), batch_size):
-            batch = windows[first:first + batch_size]
+        for first, end in batch_bounds([len(w[4]) for w in windows], batch_size):
+            batch = windows[first:end]
             try:
                 computed = model.forward([w[4] for w in batch])
             except RuntimeError as err:   # out of memory, mostly
@@ -1562,7 +1567,8 @@ def run(args, stats):
                 checkpoint.remove()   # the partial files are about to be emptied
             writer.start(backend.hidden)
         embed = embed_locally if args.model else embed_via_servers
-        arrays = embed(iter(log), backend, args.merge, args.batch_size, CHUNK_LINES, stats)
+        chunk_lines = MODEL_CHUNK_LINES if args.model else CHUNK_LINES
+        arrays = embed(iter(log), backend, args.merge, args.batch_size, chunk_lines, stats)
         total = None if args.quiet else count_lines(args.input)
         try:
             for array in progress_bar(arrays, total and total - written, args.quiet):
