@@ -666,7 +666,10 @@ class ServerPool:
         for server in self.servers:
             server.send(probe)
         for _ in range(len(self.servers)):
-            server, request, embedding, tokens = self.receive()
+            reply = self.receive()
+            if reply is None:   # a silent server was dropped (with a warning), and the others have answered
+                break
+            server, request, embedding, tokens = reply
             check_reply(server, request, embedding, tokens, self.hidden)
             self.hidden = embedding.shape[2]
         self.orphans.clear()

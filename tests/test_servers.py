@@ -187,3 +187,15 @@ def test_parse_server(spec, expected):
 def test_parse_server_rejects_non_numeric_ports(spec):
     with pytest.raises(UsageError, match="HOST:PORT"):
         parse_server(spec)
+
+
+def test_a_server_silent_from_its_first_request_is_dropped_at_start(uncased_server, run_cli, tmp_path):
+    (tmp_path / "in.txt").write_text("Hello World !\nI'm hankcs\n")
+    with uncased_server(max_seq_len=None) as healthy, uncased_server(max_seq_len=None, drop_reply=1) as silent:
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--timeout", "1.5",
+                              "--server", f"127.0.0.1:{silent.port}:{silent.port_out}",
+                              "--server", f"127.0.0.1:{healthy.port}:{healthy.port_out}"])
+    assert rc == 0, err
+    assert "sent no reply for 1.5 s (after 0 replies)" in err and "Traceback" not in err
+    with open(tmp_path / "out.pkl", "rb") as f:
+        assert [a.shape for a in pickle.load(f)] == [(3, 16), (2, 16)]
