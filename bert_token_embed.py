@@ -35,8 +35,8 @@ import numpy as np
 __version__ = "1.0.0"
 
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PORT_OUT = "localhost", 5555, 5556   # as bert-serving-client and -start
-DEFAULT_TIMEOUT = 300.0
-DEFAULT_IN_FLIGHT = 3   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
+DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
+DEFAULT_IN_FLIGHT = 3     # requests waiting at each server
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
 CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
@@ -369,8 +369,9 @@ class Sentence:
             if self.retries[i] == RETRY_SPLIT:
                 self.split_unit(i, list(self.basic[i]))
         n = len(self.units)
-        if n and not self.windows and sum(self.estimate) <= limit:   # most sentences: one window, no context
-            windows = [Window(self, 0, 0, n, sum(self.estimate))]
+        size = sum(self.estimate)
+        if n and not self.windows and size <= limit:   # most sentences: one window, no context
+            windows = [Window(self, 0, 0, n, size)]
             self.windows = self.in_flight = 1
             return windows
         windows = []
@@ -864,6 +865,10 @@ class ServerRun:
             if sentence.in_flight == 0 and not sentence.done:
                 self.queue.extendleft(reversed(embed_requests(sentence.plan(self.limit), self.batch_size)))
 
+    def ran_short(self, counts, units, pieces):
+        """True if the pieces ran out before the units although the server did not fill the window: no truncation."""
+        return len(counts) < len(units) and len(pieces) < self.limit
+
     def place(self, window, pieces, rows, parts, touched):
         """Align one window's pieces to its units and add the rows to keep to ``parts``, or park the window.
 
@@ -877,7 +882,7 @@ class ServerRun:
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
         # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
         unsure = ("[UNK]" in pieces or not all(basic)) and any(map(unicode_may_differ, units))
-        if counts is None or unsure or (len(counts) < len(units) and len(pieces) < self.limit):
+        if counts is None or unsure or self.ran_short(counts, units, pieces):
             known = [self.known_pieces.get(unit) for unit in units]
             if any(k is None for k in known):
                 need = list(dict.fromkeys(u for u, k in zip(units, known) if k is None))
@@ -887,7 +892,7 @@ class ServerRun:
                 window.sentence.resynced = True
                 return
             counts = counts_from_known_pieces(known, pieces)
-            if counts is None or (len(counts) < len(known) and len(pieces) < self.limit):
+            if counts is None or self.ran_short(counts, units, pieces):
                 raise RunError(f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
                                f"(tokens {units!r}, server pieces {pieces!r})")
         kept = window.sentence.accept(window, counts, len(pieces))
@@ -1094,7 +1099,7 @@ class Stats:
         text = (f"{plural(self.lines, 'line')}, {plural(self.tokens, 'token')} ({self.empty_tokens} with no word "
                 f"piece, zero rows), {plural(self.long_lines, 'line')} needed extra windows, {seconds:.1f} s -> {output}")
         if self.resynced:
-            text += f"; {self.resynced} lines re-aligned by asking the server per token"
+            text += f"; {plural(self.resynced, 'line')} re-aligned by asking the server per token"
         if self.cut_tokens:
             text += f"; {self.cut_tokens} words longer than a window kept only the pieces that fit"
         if self.resumed:
@@ -1547,8 +1552,9 @@ def run(args, stats):
     try:
         writer = writer_class(args.output, args.resume)
         backend = open_backend(args)
-        log = LineLog(read_lines(stream, args.input, args.encoding, args.errors))
-        if args.resume:
+        lines = read_lines(stream, args.input, args.encoding, args.errors)
+        if args.resume:   # only then are lines remembered until hashed
+            log = LineLog(lines)
             checkpoint = Checkpoint(args.output, {
                 "input": args.input if args.input == "-" else os.path.abspath(args.input),
                 "format": writer_class.__name__, "merge": args.merge, "encoding": args.encoding,
@@ -1563,6 +1569,7 @@ def run(args, stats):
                 stream.close()
                 stream = open_input(args.input)
                 log = LineLog(read_lines(stream, args.input, args.encoding, args.errors))
+            lines = log
         if written:
             stats.resumed = written
         else:
@@ -1571,7 +1578,7 @@ def run(args, stats):
             writer.start(backend.hidden)
         embed = embed_locally if args.model else embed_via_servers
         chunk_lines = MODEL_CHUNK_LINES if args.model else CHUNK_LINES
-        arrays = embed(iter(log), backend, args.merge, args.batch_size, chunk_lines, stats)
+        arrays = embed(iter(lines), backend, args.merge, args.batch_size, chunk_lines, stats)
         total = None if args.quiet else count_lines(args.input)
         try:
             for array in progress_bar(arrays, total and total - written, args.quiet):
