@@ -16,6 +16,7 @@ import bisect
 import codecs
 import collections
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import uuid
@@ -1168,45 +1170,120 @@ class StagedFile:
             self.temporary = None
 
 
-class PickleWriter:
-    """Writes the arrays as one pickled list, a batch at a time, so memory does not grow with the input.
+class BatchWriter:
+    """What both output formats share: arrays are written a batch at a time, each batch on a thread of its own.
 
-    The stream is protocol 3: PROTO, EMPTY_LIST, then MARK <items> APPENDS per batch, then
-    STOP; ``pickle.load`` reads it back as one list.
+    File writes release the GIL, so a batch goes to disk while the next one is merged;
+    one batch is written at a time, so at most two are held. Subclasses hold ``files``
+    (StagedFiles) and write a batch with ``write_batch``.
     """
 
-    def __init__(self, path, resume, batch=256):
-        self.files = [StagedFile(path, resume)]
+    BATCH = 256   # lines
+
+    def __init__(self, files):
+        self.files = files
         self.pending = []
-        self.batch = batch
+        self.writing = None   # the thread writing the previous batch
+        self.failure = None   # what that thread raised
+
+    def write(self, array):
+        """Add one line's array."""
+        self.pending.append(array)
+        if len(self.pending) >= self.BATCH:
+            self.wait()
+            batch, self.pending = self.pending, []
+            self.writing = threading.Thread(target=self.write_in_background, args=(batch,), daemon=True)
+            self.writing.start()
+
+    def write_in_background(self, batch):
+        """Write one batch, keeping what it raises for the main thread."""
+        try:
+            self.write_batch(batch)
+        except BaseException as err:   # handed to the main thread by wait()
+            self.failure = err
+
+    def stop(self):
+        """Wait until the batch being written, if any, is done with."""
+        if self.writing:
+            self.writing.join()
+            self.writing = None
+
+    def wait(self):
+        """Wait until the batch being written is on disk; raise what writing it raised (and again on every later call)."""
+        self.stop()
+        if self.failure:
+            raise self.failure
+
+    def flush(self):
+        """Write everything pending and hand it to the OS; return the files' sizes, all complete batches."""
+        self.wait()
+        if self.pending:
+            self.write_batch(self.pending)
+            self.pending = []
+        for staged in self.files:
+            staged.file.flush()
+        return [staged.file.tell() for staged in self.files]
+
+
+class PickleWriter(BatchWriter):
+    """Writes the arrays as one pickled list, a batch at a time, so memory does not grow with the input.
+
+    The stream is protocol 4 (Python 3.4 and later load it, the server's Python 3.7 too):
+    PROTO, EMPTY_LIST, then MARK <items> APPENDS per batch, then STOP; ``pickle.load``
+    reads it back as one list. Each item is what ``pickle.dumps`` makes of its array,
+    with the rows written straight from the array's memory: no copy of them is made on
+    the way to the file.
+    """
+
+    def __init__(self, path, resume):
+        super().__init__([StagedFile(path, resume)])
 
     def start(self, hidden):
         """Begin an empty list."""
         self.files[0].truncate(0)
-        self.files[0].file.write(b"\x80\x03]")
+        self.files[0].file.write(b"\x80\x04]")
 
     def restore(self, sizes, hidden):
         """Continue a partial stream that held complete batches up to ``sizes``."""
         self.files[0].truncate(sizes[0])
 
-    def write(self, array):
-        """Add one line's array to the list."""
-        self.pending.append(array)
-        if len(self.pending) >= self.batch:
-            self.flush()
+    @staticmethod
+    @lru_cache(maxsize=4096)
+    def item_opcodes(shape):
+        """The opcodes of a float32 array's pickle before and after its rows' bytes, without PROTO, FRAME and STOP.
 
-    def flush(self):
-        """Write the pending items as one batch; return the file sizes, all complete batches."""
+        numpy pickles an array as a rebuild call whose state ends with the rows as one
+        bytes object; here that object is empty (SHORT_BINBYTES, length 0), and the last
+        one in the stream, since only TUPLE and BUILD follow it. The pickler keeps no
+        memo (``fast``), so each item stands alone in the stream. Only the shape varies.
+        """
+        rebuild, arguments, state = np.empty(shape, dtype=np.float32).__reduce__()
+
+        class WithoutRows:
+            def __reduce__(self):
+                return rebuild, arguments, state[:-1] + (b"",)
+
+        out = io.BytesIO()
+        pickler = pickle.Pickler(out, protocol=4)
+        pickler.fast = True
+        pickler.dump(WithoutRows())
+        body = out.getvalue()[2:-1]                  # without PROTO (2 bytes) and STOP (1)
+        if body[:1] == b"\x95":
+            body = body[9:]                           # FRAME and its length: the list's items go unframed
+        at = body.rindex(b"C\x00")
+        return body[:at] + b"\x8e", body[at + 2:]   # BINBYTES8 and its 8-byte length come between
+
+    def write_batch(self, arrays):
+        """Append the arrays to the list as one MARK ... APPENDS."""
         file = self.files[0].file
-        if self.pending:
-            file.write(b"(")
-            for array in self.pending:
-                # The item's own pickle without its PROTO header and STOP; protocol 3 has no frames to break.
-                file.write(memoryview(pickle.dumps(array, protocol=3))[2:-1])
-            file.write(b"e")
-            self.pending = []
-        file.flush()
-        return [file.tell()]
+        file.write(b"(")
+        for array in arrays:
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            before, after = self.item_opcodes(array.shape)
+            file.write(before + array.nbytes.to_bytes(8, "little"))
+            file.write(array)
+            file.write(after)
+        file.write(b"e")
 
     def commit(self, hidden):
         """End the list, and the pickle, and rename it over the target."""
@@ -1215,7 +1292,7 @@ class PickleWriter:
         self.files[0].commit()
 
 
-class NpyWriter:
+class NpyWriter(BatchWriter):
     """Writes every token row as one float32 matrix NAME.npy, and NAME.offsets.npy: line i is rows offsets[i]:offsets[i+1].
 
     Both are written as a fixed-size .npy header and a stream of values; the headers
@@ -1227,7 +1304,7 @@ class NpyWriter:
     def __init__(self, path, resume):
         matrix = StagedFile(path, resume)
         try:
-            self.files = [matrix, StagedFile(offsets_path(path), resume)]
+            super().__init__([matrix, StagedFile(offsets_path(path), resume)])
         except UsageError:
             matrix.discard()
             raise
@@ -1245,31 +1322,22 @@ class NpyWriter:
         for staged in self.files:
             staged.truncate(0)
             staged.file.write(bytes(self.HEADER))
-        self.write_offset(0)
+        self.files[1].file.write(np.zeros(1, dtype="<i8"))
 
     def restore(self, sizes, hidden):
         """Continue partial files that held complete lines up to ``sizes``."""
         matrix, index = self.files
         matrix.truncate(sizes[0])
-        index.truncate(sizes[1] - 8)
+        index.truncate(sizes[1])
         self.rows = (sizes[0] - self.HEADER) // (4 * hidden)
-        self.write_offset(self.rows)
 
-    def write_offset(self, rows):
-        """Append one entry to the offsets file."""
-        self.files[1].file.write(np.int64(rows).astype("<i8").tobytes())
-
-    def write(self, array):
-        """Append one line's rows and its end offset."""
-        self.files[0].file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
-        self.rows += len(array)
-        self.write_offset(self.rows)
-
-    def flush(self):
-        """Hand what is written to the OS; return both files' sizes."""
-        for staged in self.files:
-            staged.file.flush()
-        return [staged.file.tell() for staged in self.files]
+    def write_batch(self, arrays):
+        """Append the arrays' rows, and each one's end offset."""
+        for array in arrays:
+            self.files[0].file.write(np.ascontiguousarray(array, dtype="<f4"))
+        ends = self.rows + np.cumsum([len(array) for array in arrays], dtype="<i8")
+        self.files[1].file.write(ends)
+        self.rows = int(ends[-1])
 
     def commit(self, hidden):
         """Write the final shapes into both headers and rename both files over their targets."""
@@ -1468,11 +1536,11 @@ def count_lines(path):
 
 def progress_bar(arrays, total, quiet):
     """Wrap the stream of arrays in a tqdm bar on stderr (lines, tokens/s) unless quiet or tqdm is missing."""
+    if quiet:
+        return arrays
     try:
         from tqdm import tqdm
     except ImportError:
-        return arrays
-    if quiet:
         return arrays
 
     def counted():
@@ -1610,6 +1678,7 @@ def open_backend(args):
 
 def leave_unfinished(writer, checkpoint, log, written, args):
     """After a failed run: remove its files, or with --resume keep them, recording what they hold."""
+    writer.stop()
     if checkpoint and written:
         try:
             checkpoint.save(written, log.digest_through(written), writer.flush())

@@ -1,9 +1,12 @@
 """The two output formats: a streamed pickle that loads as one list, and NAME.npy + NAME.offsets.npy."""
 
 import pickle
+import pickletools
 
 import numpy as np
 import pytest
+
+import bert_token_embed as tool
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,33 @@ def test_arrays_are_writable_float32(outputs):
         assert type(array) is np.ndarray and array.dtype == np.float32 and array.ndim == 2
         assert array.flags.writeable and array.flags.c_contiguous
         array[...] = 0  # an ordinary array
+
+
+def test_the_pickle_writer_takes_any_array_and_loads_it_as_writable_float32(tmp_path):
+    """Views, read-only, float16 and empty arrays, over several batches: each item loads equal, as an ordinary array."""
+    rng = np.random.default_rng(0)
+    locked = rng.standard_normal((3, 8)).astype(np.float32)
+    locked.flags.writeable = False
+    arrays = [rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((4, 16)).astype(np.float32)[:, ::2],
+              locked, rng.standard_normal((2, 8)).astype(np.float16), np.zeros((0, 8), np.float32),
+              rng.standard_normal((300, 8)).astype(np.float32)[100:200]] * 100
+    writer = tool.PickleWriter(str(tmp_path / "out.pkl"), resume=False)
+    writer.start(8)
+    for array in arrays:
+        writer.write(array)
+    writer.commit(8)
+    loaded = load_pickle(tmp_path / "out.pkl")
+    assert len(loaded) == len(arrays) == 600
+    for array, back in zip(arrays, loaded):
+        assert back.dtype == np.float32 and back.flags.writeable and back.flags.c_contiguous
+        np.testing.assert_array_equal(back, array.astype(np.float32))
+
+
+def test_the_pickle_is_protocol_4_so_python_3_4_and_later_load_it(outputs):
+    """No opcode newer than protocol 4: the server's own Python 3.7 reads the output too."""
+    data = (outputs / "out.pkl").read_bytes()
+    assert data[:2] == b"\x80\x04"
+    assert max(opcode.proto for opcode, _, _ in pickletools.genops(data)) == 4
 
 
 def test_npy_and_offsets_equal_the_pickle(outputs):

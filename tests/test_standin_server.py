@@ -296,6 +296,8 @@ def bert_wordpiece(tokens: list[str], vocab: dict) -> list[str]:
 
 UNCASED_VOCAB = load_vocab(VOCAB_UNCASED)
 TOKENIZER_SERVER = StandinServer(max_seq_len=None, hidden=1)  # never started: only its tokenizer is used
+# The simulated-GPU mode tokenizes each word once and remembers its pieces: the same pieces.
+CACHING_SERVER = StandinServer(max_seq_len=None, simulate_gpu={"per_position_us": 0.0, "hidden": 1})
 ALPHABET = list("abcXYZ éÉüñçß  \t\n.,!?'\"-()[]#|@$%&*+/:;<=>\\^_`{}~0129") + [
     "中", "文", "한", "あ", "\u200b", "\u00ad", "\u0301", "\u00a0", "\u2028", "\x00", "\x07", "\ufffd",
     "\u3000", "«", "»", "—", "…", "Ω", "ǅ", "ﬁ", "²", "\U0001F600", "\u0130", "Σ", "Ο", "ς"]
@@ -309,6 +311,8 @@ def test_hf_tokenizer_matches_bert_basic_plus_wordpiece(text):
         return
     expected = bert_wordpiece(bert_basic_tokenize(line, do_lower_case=True), UNCASED_VOCAB)
     assert TOKENIZER_SERVER.tokenize(text) == ["[CLS]"] + expected + ["[SEP]"]
+    assert CACHING_SERVER.tokenize(text) == ["[CLS]"] + expected + ["[SEP]"]
+    assert CACHING_SERVER.tokenize(text) == ["[CLS]"] + expected + ["[SEP]"]   # from the cache this time
 
 
 # ---------------------------------------------------------------------------
