@@ -16,6 +16,7 @@ import bisect
 import codecs
 import collections
 import ctypes
+import gc
 import hashlib
 import io
 import itertools
@@ -150,7 +151,6 @@ def _split_punctuation(word):
     return parts
 
 
-@lru_cache(maxsize=1 << 18)
 def basic_tokens(token, lowercase):
     """The basic tokens that BERT's BasicTokenizer (as run by bert-serving-server) makes of one token.
 
@@ -244,26 +244,38 @@ RETRY_ALONE, RETRY_SPLIT = 1, 2
 
 
 class PieceCounter:
-    """What server mode knows of a unit before the server answers: its basic tokens, and its piece count if seen before.
+    """What server mode knows of a unit before the server answers: its basic tokens, and how many pieces it has.
 
-    Words repeat, so counts learnt from earlier replies make the length estimates, and
-    with them the length-sorted batches, nearly exact after the first few batches.
+    Words repeat, so both are looked up rather than worked out again. The piece counts
+    are the server's where an earlier reply gave one, else one per basic token; they make
+    the length estimates, and with them the length-sorted batches, nearly exact after
+    the first few batches.
     """
 
     def __init__(self, lowercase, capacity=1 << 20):
         self.lowercase = lowercase
         self.capacity = capacity
-        self.seen = {}
+        self.basic = {}    # unit -> its basic tokens
+        self.pieces = {}   # unit -> its piece count, learnt or estimated
 
-    def estimates(self, units, basic):
-        """Pieces each unit has: as seen before, else at least one per basic token."""
-        get = self.seen.get
-        return [get(u) or len(b) for u, b in zip(units, basic)]
+    def look_up(self, units):
+        """The units' basic tokens and piece counts, as two lists."""
+        try:
+            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
+        except KeyError:
+            if len(self.basic) > self.capacity:
+                self.basic.clear()
+                self.pieces.clear()
+            for unit in units:
+                if unit not in self.basic:
+                    self.basic[unit] = basic = basic_tokens(unit, self.lowercase)
+                    self.pieces[unit] = len(basic)
+            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
 
     def learn(self, units, counts, estimates):
-        """Remember the counts that differ from the estimates (the others need no remembering)."""
-        if counts != estimates and len(self.seen) < self.capacity:
-            self.seen.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
+        """Remember the server's piece counts where they differ from the estimates."""
+        if counts != estimates:
+            self.pieces.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
 
 
 class Window(collections.namedtuple("Window", "sentence start own end size")):
@@ -289,9 +301,8 @@ class Sentence:
         self.counter = counter
         self.tokens = tokens
         self.units = list(tokens)
-        self.basic = [basic_tokens(t, counter.lowercase) for t in tokens]   # each unit's basic tokens
+        self.basic, self.estimate = counter.look_up(tokens)   # each unit's basic tokens and piece count
         self.owner = list(range(len(tokens)))
-        self.estimate = counter.estimates(tokens, self.basic)
         self.known = [None] * len(tokens)                # pieces a unit has, once a window covered it
         self.rows = [None] * len(tokens)
         self.counts = [0] * len(tokens)
@@ -326,9 +337,8 @@ class Sentence:
         """Replace unit i by several units, all owned by the same token."""
         n = len(parts)
         self.units[i:i + 1] = parts
-        self.basic[i:i + 1] = [basic_tokens(part, self.counter.lowercase) for part in parts]
+        self.basic[i:i + 1], self.estimate[i:i + 1] = self.counter.look_up(parts)
         self.owner[i:i + 1] = [self.owner[i]] * n
-        self.estimate[i:i + 1] = self.counter.estimates(parts, self.basic[i:i + n])
         self.known[i:i + 1] = [None] * n
         self.rows[i:i + 1] = [None] * n
         self.counts[i:i + 1] = [0] * n
@@ -764,7 +774,12 @@ class ServerPool:
 
 
 def check_reply(server, request, embedding, tokens, hidden):
-    """Raise a RunError unless a reply has one (T, hidden) matrix and one [CLS]…[SEP] piece list per sentence, zero past the pieces."""
+    """Raise a RunError unless a reply has one (T, hidden) matrix and one [CLS]…[SEP] piece list per sentence, a zero row after the pieces.
+
+    The zero row is the first of the padding: a row there means the pieces and the rows
+    do not line up. It is checked for all sentences in one gather; the rest of the
+    padding is never read.
+    """
     n = len(request.texts)
     problem = None
     if not isinstance(tokens, list) or len(tokens) != n:
@@ -779,9 +794,13 @@ def check_reply(server, request, embedding, tokens, hidden):
                     or pieces[0] != "[CLS]" or pieces[-1] != "[SEP]"):
                 problem = f"a malformed piece list for sentence {i + 1}"
                 break
-            if embedding[i, len(pieces):].any():
-                problem = f"{len(pieces)} pieces but more rows for sentence {i + 1}"
-                break
+        else:
+            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
+            padded = np.flatnonzero(lengths < embedding.shape[1])
+            rows_after = embedding[padded, lengths[padded]].any(axis=1)
+            if rows_after.any():
+                i = padded[rows_after.argmax()]
+                problem = f"{lengths[i]} pieces but more rows for sentence {i + 1}"
     if problem:
         raise RunError(f"server {server.name} sent a malformed reply (request {request.kind} of {n} sentences): "
                        f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
@@ -1638,6 +1657,11 @@ def run(args, stats):
     stream = open_input(args.input)
     backend = writer = checkpoint = log = None
     written, finished = 0, False
+    # Every line makes dozens of short-lived lists, freed by reference counting. At its
+    # defaults the cycle collector would run every 700 of them, and now and then scan all
+    # long-lived objects (modules, a model, the caches) for cycles that this run never makes.
+    collector_thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
     try:
         writer = writer_class(args.output, args.resume)
         backend = open_backend(args)
@@ -1665,6 +1689,7 @@ def run(args, stats):
             if checkpoint:
                 checkpoint.remove()   # the partial files are about to be emptied
             writer.start(backend.hidden)
+        gc.freeze()   # what exists now lives for the whole run: the collector need not look at it
         embed = embed_locally if args.model else embed_via_servers
         chunk_lines = MODEL_CHUNK_LINES if args.model else CHUNK_LINES
         arrays = embed(iter(lines), backend, args.merge, args.batch_size, chunk_lines, stats)
@@ -1688,6 +1713,8 @@ def run(args, stats):
             backend.close()
         if stream is not sys.stdin.buffer:
             stream.close()
+        gc.set_threshold(*collector_thresholds)
+        gc.unfreeze()
 
 
 def open_backend(args):
