@@ -392,6 +392,7 @@ class StandinServer:
         self._threads: list[threading.Thread] = []
         self._context = None
         self._encode_count = 0
+        self._device_free_at = 0.0   # simulate_gpu: when the simulated device finishes its last request
         self._start_time = str(datetime.now())
 
     # -- public API ---------------------------------------------------------
@@ -567,7 +568,7 @@ class StandinServer:
             raise ServerDeath("ventilator", f"non-ASCII identity {identity!r} in {msg.decode()}")
         with self._lock:
             self._stats["config_requests"] += 1
-        self._outbox.put(("config", [identity, json.dumps(config).encode(), req_id]))
+        self._outbox.put(("config", [identity, json.dumps(config).encode(), req_id], 0.0))
 
     def _worker_loop(self) -> None:
         """Serve encode jobs one at a time in arrival order (a single worker)."""
@@ -588,7 +589,7 @@ class StandinServer:
         """Publish replies; config replies first sleep 0.1 s like the real sink."""
         while self._alive("sink"):
             try:
-                kind, frames = self._outbox.get(timeout=0.05)
+                kind, frames, ready_at = self._outbox.get(timeout=0.05)
             except queue.Empty:
                 continue
             if kind == "config":
@@ -597,6 +598,7 @@ class StandinServer:
                 continue
             if b"#" in frames[0] or b"@" in frames[0]:
                 raise ServerDeath("sink", f"identity {frames[0]!r} breaks the job-id split")
+            self._shutdown.wait(max(0.0, ready_at - time.perf_counter()))   # until the simulated device is done
             if self._die_after_reached():  # die_after=0: die instead of sending the first reply
                 return
             pub.send_multipart(frames, copy=False)
@@ -646,16 +648,17 @@ class StandinServer:
         header = {"dtype": str(array.dtype), "shape": list(array.shape),
                   "tokens": tokens if self.show_tokens_to_client else ""}
         self._outbox.put(("encode", [identity, json.dumps(header).encode(),
-                                     np.ascontiguousarray(array), req_id]))
+                                     np.ascontiguousarray(array), req_id], reply.ready_at))
 
     def _compute(self, batch: list) -> "Reply":
         """Build features per slice, compute rows, pad to the request's T and update the stats.
 
-        With simulate_gpu the request takes the simulated compute time in all: this
-        process's own work on it (tokenizing, building rows) counts towards that time,
-        as a GPU server's host work overlaps its device work, and the rest is slept.
+        With simulate_gpu the request also gets the time its reply is ready: one simulated
+        device serves the requests in turn, each for its compute time, from when its
+        features are built. The host work (tokenizing, building rows and replies) goes on
+        meanwhile, as bert-serving-server's input pipeline feeds the GPU while it computes;
+        the sink holds each reply until its time.
         """
-        started = time.perf_counter()
         slices = [self._features.build(batch[i:i + self.max_batch_size])
                   for i in range(0, len(batch), self.max_batch_size)]
         slices = [s for s in slices if s.tokens]
@@ -668,7 +671,7 @@ class StandinServer:
         if self.simulate_gpu:
             busy = (self.simulate_gpu.get("per_request_ms", 0.0) / 1e3
                     + self.simulate_gpu.get("per_position_us", 0.0) / 1e6 * computed)
-            self._shutdown.wait(max(0.0, busy - (time.perf_counter() - started)))
+            self._device_free_at = max(time.perf_counter(), self._device_free_at) + busy
         else:
             busy = 0.0
         if self.pooling_strategy == 0 and len(slices) == 1:
@@ -689,15 +692,16 @@ class StandinServer:
             self._stats["computed_positions"] += computed
             self._stats["useful_positions"] += sum(len(t) for t in tokens)
             self._stats["busy_seconds"] += busy
-        return Reply(array, tokens)
+        return Reply(array, tokens, self._device_free_at if self.simulate_gpu else 0.0)
 
 
 @dataclass
 class Reply:
-    """The array and per-sentence tokens of one encode request."""
+    """The array and per-sentence tokens of one encode request, and when it may be sent (perf_counter time)."""
 
     array: np.ndarray
     tokens: list[list[str]]
+    ready_at: float = 0.0
 
 
 def parse_batch(payload: bytes) -> list:

@@ -412,6 +412,21 @@ def test_simulate_gpu_counts_positions_and_sleeps_the_formula():
     assert elapsed >= busy
 
 
+@pytest.mark.filterwarnings(DYNAMIC_WARNING)
+def test_simulate_gpu_is_one_device_serving_requests_in_turn():
+    """Requests sent together are not computed at once: the last reply comes after all their compute time."""
+    cost = {"per_position_us": 100.0, "per_request_ms": 10.0, "hidden": 8}
+    with StandinServer(max_seq_len=None, simulate_gpu=cost) as srv, client(srv) as c:
+        started = time.perf_counter()
+        for _ in range(4):
+            c.encode(["a sentence of some words"] * 50, blocking=False)
+        for _ in range(4):
+            next(c.fetch())
+        elapsed = time.perf_counter() - started
+    assert srv.stats["requests"] == 4
+    assert elapsed >= srv.stats["busy_seconds"] == pytest.approx(4 * (0.010 + 100e-6 * 50 * 7), rel=1e-9)
+
+
 # ---------------------------------------------------------------------------
 # Fault switches
 # ---------------------------------------------------------------------------
