@@ -1268,7 +1268,8 @@ class BatchWriter:
 class PickleWriter(BatchWriter):
     """Writes the arrays as one pickled list, a batch at a time, so memory does not grow with the input.
 
-    The stream is protocol 4 (Python 3.4 and later load it, the server's Python 3.7 too):
+    The stream is protocol 4 (Python 3.4 and later load it, the server's Python 3.7 too,
+    with numpy 1.x or 2.x):
     PROTO, EMPTY_LIST, then MARK <items> APPENDS per batch, then STOP; ``pickle.load``
     reads it back as one list. Each item is what ``pickle.dumps`` makes of its array,
     with the rows written straight from the array's memory: no copy of them is made on
@@ -1310,6 +1311,9 @@ class PickleWriter(BatchWriter):
         body = out.getvalue()[2:-1]                  # without PROTO (2 bytes) and STOP (1)
         if body[:1] == b"\x95":
             body = body[9:]                           # FRAME and its length: the list's items go unframed
+        # numpy 2 names its rebuilder numpy._core.multiarray._reconstruct, which numpy 1.x cannot
+        # import; the old name loads in both (numpy 2 keeps it for old pickles, without a warning).
+        body = body.replace(b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray")
         at = body.rindex(b"C\x00")
         return body[:at] + b"\x8e", body[at + 2:]   # BINBYTES8 and its 8-byte length come between
 

@@ -2,6 +2,7 @@
 
 import pickle
 import pickletools
+import warnings
 
 import numpy as np
 import pytest
@@ -95,11 +96,17 @@ def test_the_pickle_writer_takes_any_array_and_loads_it_as_writable_float32(tmp_
         np.testing.assert_array_equal(back, array.astype(np.float32))
 
 
-def test_the_pickle_is_protocol_4_so_python_3_4_and_later_load_it(outputs):
-    """No opcode newer than protocol 4: the server's own Python 3.7 reads the output too."""
+def test_the_pickle_is_protocol_4_with_names_numpy_1_and_2_both_import(outputs):
+    """No opcode newer than protocol 4 (Python 3.4+, the server's own 3.7 too); numpy's rebuilder by its 1.x name."""
     data = (outputs / "out.pkl").read_bytes()
     assert data[:2] == b"\x80\x04"
     assert max(opcode.proto for opcode, _, _ in pickletools.genops(data)) == 4
+    names = {arg for opcode, arg, _ in pickletools.genops(data) if opcode.name == "SHORT_BINUNICODE"}
+    assert {"numpy.core.multiarray", "_reconstruct", "numpy", "ndarray", "dtype"} <= names
+    assert not any(name.startswith("numpy._core") for name in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # numpy 2 loads the old name without a DeprecationWarning
+        assert len(pickle.loads(data)) == len(load_pickle(outputs / "out.pkl"))
 
 
 def test_npy_and_offsets_equal_the_pickle(outputs):
