@@ -40,7 +40,7 @@ __version__ = "1.0.0"
 
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PORT_OUT = "localhost", 5555, 5556   # as bert-serving-client and -start
 DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
-DEFAULT_IN_FLIGHT = 3     # requests waiting at each server
+DEFAULT_IN_FLIGHT = 3     # batches' worth of sentences waiting at each server
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
 CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
@@ -562,6 +562,7 @@ class Server:
         except Exception as err:   # zmq.ZMQError for an address it cannot connect to
             raise UsageError(f"cannot connect to {self.name}: {err}") from None
         self.in_flight = {}
+        self.sentences = 0   # in the requests in flight
         self.last_heard = time.monotonic()
         self.replies = 0
         self.config = None
@@ -585,6 +586,7 @@ class Server:
             warnings.simplefilter("ignore")
             self.client.encode(request.texts, blocking=False)
         self.in_flight[self.client.request_id] = request
+        self.sentences += len(request.texts)
 
     def read_reply(self):
         """Take one encode reply off the socket, the rows left in the message buffer: (request id, array, piece lists).
@@ -665,11 +667,11 @@ def embed_requests(windows, batch_size):
 class ServerPool:
     """Several bert-serving-servers used as one: each batch goes to the least busy; lost batches are sent again."""
 
-    def __init__(self, addresses, timeout, in_flight):
+    def __init__(self, addresses, timeout, capacity):
         import zmq
         keep_freed_memory()
         self.timeout = timeout
-        self.in_flight = in_flight
+        self.capacity = capacity   # sentences that may wait at each server
         self.servers = []
         self.poller = zmq.Poller()
         self.orphans = collections.deque()
@@ -713,8 +715,8 @@ class ServerPool:
         return {"lowercase": self.lowercase, "limit": self.limit, "hidden": self.hidden}
 
     def has_room(self):
-        """True if some server has fewer requests in flight than it may."""
-        return any(len(s.in_flight) < self.in_flight for s in self.servers)
+        """True if some server has fewer sentences in flight than it may."""
+        return any(s.sentences < self.capacity for s in self.servers)
 
     @property
     def busy(self):
@@ -722,8 +724,8 @@ class ServerPool:
         return any(s.in_flight for s in self.servers)
 
     def submit(self, request):
-        """Send a batch to the server with the fewest batches in flight."""
-        min(self.servers, key=lambda s: len(s.in_flight)).send(request)
+        """Send a batch to the server with the fewest sentences in flight."""
+        min(self.servers, key=lambda s: s.sentences).send(request)
 
     def receive(self, wait=True):
         """Wait for the next reply from any server; return (server, request, embedding, tokens), or None without ``wait``.
@@ -745,6 +747,7 @@ class ServerPool:
                     request = server.in_flight.pop(request_id, None)
                     if request is None:
                         continue   # a late answer to nothing we wait for
+                    server.sentences -= len(request.texts)
                     server.last_heard = time.monotonic()
                     server.replies += 1
                     return server, request, embedding, tokens
@@ -839,7 +842,6 @@ class ServerRun:
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
         pool = self.pool
         while True:
-            yield from self.finished_lines()
             if pool.orphans:
                 self.stats.resent += len(pool.orphans)
                 self.queue.extendleft(reversed(pool.orphans))
@@ -847,6 +849,7 @@ class ServerRun:
             self.queue_chunk_if_ready()
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
+            yield from self.finished_lines()
             can_read = not self.exhausted and len(self.open_lines) < 2 * self.chunk_lines
             if not (pool.busy or self.queue or can_read or self.staged):
                 return
@@ -1514,7 +1517,8 @@ def build_parser():
                              f"(default: {DEFAULT_TIMEOUT:g}; raise it for big batches on a slow CPU server). "
                              f"The start-up check waits at most min(SECONDS, {CONFIG_TIMEOUT:g})")
     server.add_argument("--in-flight", type=int, metavar="N",
-                        help=f"batches waiting at each server at once, so it never idles (default: {DEFAULT_IN_FLIGHT})")
+                        help=f"batches' worth of sentences (N x --batch-size) waiting at each server at once, so it "
+                             f"never idles; short batches of long sentences count for less (default: {DEFAULT_IN_FLIGHT})")
     local = parser.add_argument_group("embedded mode (no server; needs requirements-local.txt)")
     local.add_argument("--model", metavar="PATH_OR_NAME",
                        help="run this Hugging Face model in-process instead of asking a server: a local model "
@@ -1725,7 +1729,7 @@ def open_backend(args):
     """The in-process model (--model) or the pool of servers, checked and ready."""
     if args.model:
         return LocalModel(args.model, parse_layers(args.layer), args.device, args.max_seq_len)
-    return ServerPool(server_addresses(args), args.timeout, args.in_flight)
+    return ServerPool(server_addresses(args), args.timeout, args.in_flight * args.batch_size)
 
 
 def leave_unfinished(writer, checkpoint, log, written, args):

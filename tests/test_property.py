@@ -49,7 +49,7 @@ def pool_for(state, config):
     if pool is None or pool.busy or pool.orphans:
         if pool is not None:
             pool.close()
-        pool = entry[1] = ServerPool([("127.0.0.1", srv.port, srv.port_out)], 30.0, 3)
+        pool = entry[1] = ServerPool([("127.0.0.1", srv.port, srv.port_out)], 30.0, 9)   # 9 sentences in flight
     return srv, pool, tables
 
 

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from bert_token_embed import UsageError, build_parser, parse_server, server_addresses
+from bert_token_embed import Request, ServerPool, UsageError, build_parser, parse_server, server_addresses
 
 WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
 
@@ -75,6 +75,22 @@ def test_order_is_kept_over_a_slow_and_a_fast_server(fast, slow, text, single, r
     if batch_size == "3":
         # Both servers got batches (each holds up to --in-flight 3 at once, so the first six go to both).
         assert fast.stats["requests"] - before[0] > 1 and slow.stats["requests"] - before[1] > 1
+
+
+def test_a_server_holds_sentences_not_requests(slow):
+    """--in-flight counts batches' worth of sentences: many short requests may wait where few full ones would."""
+    pool = ServerPool([("127.0.0.1", slow.port, slow.port_out)], 30.0, 4)
+    try:
+        for _ in range(3):
+            assert pool.has_room()
+            pool.submit(Request("embed", (), ["a b"]))
+        pool.submit(Request("embed", (), ["c", "d"]))
+        assert not pool.has_room() and pool.servers[0].sentences == 5
+        replies = [pool.receive() for _ in range(4)]
+        assert [len(request.texts) for _, request, _, _ in replies] == [1, 1, 1, 2]
+        assert pool.has_room() and pool.servers[0].sentences == 0 and not pool.busy
+    finally:
+        pool.close()
 
 
 def test_three_servers_and_npy(fast, slow, text, single, run_cli, tmp_path, uncased_server, expect):
