@@ -252,7 +252,7 @@ class PieceCounter:
     the first few batches.
     """
 
-    def __init__(self, lowercase, capacity=1 << 20):
+    def __init__(self, lowercase, capacity=1 << 18):   # units: some 100 MB at most
         self.lowercase = lowercase
         self.capacity = capacity
         self.basic = {}    # unit -> its basic tokens
@@ -1271,12 +1271,11 @@ class BatchWriter:
 class PickleWriter(BatchWriter):
     """Writes the arrays as one pickled list, a batch at a time, so memory does not grow with the input.
 
-    The stream is protocol 4 (Python 3.4 and later load it, the server's Python 3.7 too,
-    with numpy 1.x or 2.x):
-    PROTO, EMPTY_LIST, then MARK <items> APPENDS per batch, then STOP; ``pickle.load``
-    reads it back as one list. Each item is what ``pickle.dumps`` makes of its array,
-    with the rows written straight from the array's memory: no copy of them is made on
-    the way to the file.
+    The stream is protocol 4, which Python 3.4 and later load (the server's Python 3.7
+    too, with numpy 1.x or 2.x): PROTO, EMPTY_LIST, then MARK <items> APPENDS per batch,
+    then STOP; ``pickle.load`` reads it back as one list. Each item is what
+    ``pickle.dumps`` makes of its array, with the rows written straight from the array's
+    memory: no copy of them is made on the way to the file.
     """
 
     def __init__(self, path, resume):
