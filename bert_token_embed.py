@@ -15,7 +15,6 @@ import argparse
 import bisect
 import codecs
 import collections
-import ctypes
 import gc
 import hashlib
 import io
@@ -269,7 +268,7 @@ class PieceCounter:
             for unit in units:
                 if unit not in self.basic:
                     self.basic[unit] = basic = basic_tokens(unit, self.lowercase)
-                    self.pieces[unit] = len(basic)
+                    self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
             return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
 
     def learn(self, units, counts, estimates):
@@ -538,8 +537,9 @@ def keep_freed_memory():
     take a tenth of the page faults. Memory still peaks where the work needs it to.
     """
     try:
+        import ctypes
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):   # not glibc (macOS, Windows): that allocator has its own ways
+    except (ImportError, OSError, AttributeError, TypeError):   # not glibc (macOS, Windows): its own ways
         return
     mallopt(M_MMAP_THRESHOLD, 32 << 20)   # glibc's largest: smaller blocks come from the reused heap
     mallopt(M_TRIM_THRESHOLD, 512 << 20)  # free memory kept at a heap's top before it is given back
@@ -1217,8 +1217,12 @@ class BatchWriter:
     """What both output formats share: arrays are written a batch at a time, each batch on a thread of its own.
 
     File writes release the GIL, so a batch goes to disk while the next one is merged;
-    one batch is written at a time, so at most two are held. Subclasses hold ``files``
-    (StagedFiles) and write a batch with ``write_batch``.
+    one batch is written at a time, so at most two are held. ``lines`` and ``sizes`` say
+    what the files hold whole: they move on only once a batch is written in full, and a
+    batch always starts where the last whole one ended, so whatever stops a run (Ctrl-C,
+    a full disk) the --resume record can trust them. Subclasses hold ``files``
+    (StagedFiles), begin them with ``start`` or ``restore`` (ending in ``count_whole``)
+    and write a batch with ``write_batch``.
     """
 
     BATCH = 256   # lines
@@ -1228,6 +1232,13 @@ class BatchWriter:
         self.pending = []
         self.writing = None   # the thread writing the previous batch
         self.failure = None   # what that thread raised
+        self.lines = 0        # lines wholly in the files
+        self.sizes = None     # the files' sizes after them
+
+    def count_whole(self, lines):
+        """Note that the files hold ``lines`` whole lines, and end there."""
+        self.lines = lines
+        self.sizes = [staged.file.tell() for staged in self.files]
 
     def write(self, array):
         """Add one line's array."""
@@ -1241,15 +1252,23 @@ class BatchWriter:
     def write_in_background(self, batch):
         """Write one batch, keeping what it raises for the main thread."""
         try:
-            self.write_batch(batch)
+            self.write_whole(batch)
         except BaseException as err:   # handed to the main thread by wait()
             self.failure = err
 
+    def write_whole(self, batch):
+        """Write a batch after the last whole one (cutting off what a write that failed left), then count it."""
+        for staged, size in zip(self.files, self.sizes):
+            if staged.file.tell() != size:
+                staged.truncate(size)
+        self.write_batch(batch)
+        self.count_whole(self.lines + len(batch))
+
     def stop(self):
         """Wait until the batch being written, if any, is done with."""
-        if self.writing:
+        if self.writing and self.writing.ident is not None:   # a thread stopped before it started wrote nothing
             self.writing.join()
-            self.writing = None
+        self.writing = None
 
     def wait(self):
         """Wait until the batch being written is on disk; raise what writing it raised (and again on every later call)."""
@@ -1258,14 +1277,13 @@ class BatchWriter:
             raise self.failure
 
     def flush(self):
-        """Write everything pending and hand it to the OS; return the files' sizes, all complete batches."""
+        """Write everything pending and hand it to the OS."""
         self.wait()
         if self.pending:
-            self.write_batch(self.pending)
+            self.write_whole(self.pending)
             self.pending = []
         for staged in self.files:
             staged.file.flush()
-        return [staged.file.tell() for staged in self.files]
 
 
 class PickleWriter(BatchWriter):
@@ -1285,10 +1303,12 @@ class PickleWriter(BatchWriter):
         """Begin an empty list."""
         self.files[0].truncate(0)
         self.files[0].file.write(b"\x80\x04]")
+        self.count_whole(0)
 
-    def restore(self, sizes, hidden):
-        """Continue a partial stream that held complete batches up to ``sizes``."""
+    def restore(self, lines, sizes, hidden):
+        """Continue a partial stream that held ``lines`` lines, in complete batches, up to ``sizes``."""
         self.files[0].truncate(sizes[0])
+        self.count_whole(lines)
 
     @staticmethod
     @lru_cache(maxsize=4096)
@@ -1354,7 +1374,7 @@ class NpyWriter(BatchWriter):
         except UsageError:
             matrix.discard()
             raise
-        self.rows = 0
+        self.row_bytes = None
 
     @classmethod
     def header(cls, descr, shape):
@@ -1369,30 +1389,35 @@ class NpyWriter(BatchWriter):
             staged.truncate(0)
             staged.file.write(bytes(self.HEADER))
         self.files[1].file.write(np.zeros(1, dtype="<i8"))
+        self.row_bytes = 4 * hidden
+        self.count_whole(0)
 
-    def restore(self, sizes, hidden):
-        """Continue partial files that held complete lines up to ``sizes``."""
-        matrix, index = self.files
-        matrix.truncate(sizes[0])
-        index.truncate(sizes[1])
-        self.rows = (sizes[0] - self.HEADER) // (4 * hidden)
+    def restore(self, lines, sizes, hidden):
+        """Continue partial files that held ``lines`` complete lines up to ``sizes``."""
+        for staged, size in zip(self.files, sizes):
+            staged.truncate(size)
+        self.row_bytes = 4 * hidden
+        self.count_whole(lines)
+
+    @property
+    def rows(self):
+        """Rows wholly in the matrix file."""
+        return (self.sizes[0] - self.HEADER) // self.row_bytes
 
     def write_batch(self, arrays):
         """Append the arrays' rows, and each one's end offset."""
         for array in arrays:
             self.files[0].file.write(np.ascontiguousarray(array, dtype="<f4"))
-        ends = self.rows + np.cumsum([len(array) for array in arrays], dtype="<i8")
-        self.files[1].file.write(ends)
-        self.rows = int(ends[-1])
+        self.files[1].file.write(self.rows + np.cumsum([len(array) for array in arrays], dtype="<i8"))
 
     def commit(self, hidden):
         """Write the final shapes into both headers and rename both files over their targets."""
         matrix, index = self.files
-        lines = (self.flush()[1] - self.HEADER) // 8 - 1
+        self.flush()
         matrix.file.seek(0)
         matrix.file.write(self.header("<f4", (self.rows, hidden)))
         index.file.seek(0)
-        index.file.write(self.header("<i8", (lines + 1,)))
+        index.file.write(self.header("<i8", (self.lines + 1,)))
         index.commit()
         matrix.commit()
 
@@ -1622,7 +1647,7 @@ def resume_point(checkpoint, writer, log, hidden):
     read, digest = log.skip(record["lines"])
     if read != record["lines"] or digest != record["sha256"]:
         raise InputChanged()
-    writer.restore(record["sizes"], hidden)
+    writer.restore(read, record["sizes"], hidden)
     return read
 
 
@@ -1706,7 +1731,8 @@ def run(args, stats):
                 writer.write(array)
                 written += 1
                 if checkpoint and written % Checkpoint.EVERY == 0:
-                    checkpoint.save(written, log.digest_through(written), writer.flush())
+                    writer.flush()
+                    checkpoint.save(writer.lines, log.digest_through(writer.lines), writer.sizes)
             writer.commit(backend.hidden)
         except OSError as err:
             raise RunError(f"could not write {args.output}: {err.strerror or err}") from None
@@ -1714,14 +1740,14 @@ def run(args, stats):
         if checkpoint:
             checkpoint.remove()
     finally:
+        gc.set_threshold(*collector_thresholds)
+        gc.unfreeze()
         if writer and not finished:
-            leave_unfinished(writer, checkpoint, log, written, args)
+            leave_unfinished(writer, checkpoint, log, args)
         if backend:
             backend.close()
         if stream is not sys.stdin.buffer:
             stream.close()
-        gc.set_threshold(*collector_thresholds)
-        gc.unfreeze()
 
 
 def open_backend(args):
@@ -1731,12 +1757,17 @@ def open_backend(args):
     return ServerPool(server_addresses(args), args.timeout, args.in_flight * args.batch_size)
 
 
-def leave_unfinished(writer, checkpoint, log, written, args):
-    """After a failed run: remove its files, or with --resume keep them, recording what they hold."""
+def leave_unfinished(writer, checkpoint, log, args):
+    """After a failed run: remove its files, or with --resume keep them, recording the whole lines they hold."""
     writer.stop()
-    if checkpoint and written:
+    if checkpoint:
         try:
-            checkpoint.save(written, log.digest_through(written), writer.flush())
+            writer.flush()   # the lines merged so far, if the disk takes them
+        except OSError:
+            pass             # the lines written whole before still count
+    if checkpoint and writer.lines:
+        try:
+            checkpoint.save(writer.lines, log.digest_through(writer.lines), writer.sizes)
         except OSError:
             pass   # the last record saved still describes a prefix of the partial files
     elif not (args.resume and os.path.exists(Checkpoint.record_path(args.output))):

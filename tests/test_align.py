@@ -8,8 +8,8 @@ here is a case a server really produces.
 import numpy as np
 import pytest
 
-from bert_token_embed import (MERGES, SEPARATOR, Sentence, align, basic_tokens, counts_from_known_pieces,
-                              merge_segments, token_rows)
+from bert_token_embed import (MERGES, SEPARATOR, PieceCounter, Sentence, align, basic_tokens,
+                              counts_from_known_pieces, merge_segments, token_rows)
 
 UNCASED, CASED = True, False
 
@@ -182,6 +182,24 @@ def test_counts_from_known_pieces():
     assert counts_from_known_pieces(known, ["a", "hank", "##cs", "x"]) is None
     assert counts_from_known_pieces(known, ["b", "hank", "##cs"]) is None
     assert counts_from_known_pieces(known, ["a", "hank", "##xx"]) is None
+
+
+# ---------------------------------------------------------------- piece counts known before the server answers
+
+def test_the_piece_counter_looks_up_basic_tokens_and_learnt_counts():
+    counter = PieceCounter(lowercase=True)
+    assert counter.look_up(["I'm", "hankcs", "I'm"]) == ([("i", "'", "m"), ("hankcs",), ("i", "'", "m")], [3, 1, 3])
+    counter.learn(["I'm", "hankcs"], [3, 2], [3, 1])
+    assert counter.look_up(["hankcs"]) == ([("hankcs",)], [2])
+
+
+def test_a_count_learnt_after_the_counter_was_cleared_is_kept():
+    """A reply for a sentence looked up before a clear teaches a count that a later look-up must not overwrite."""
+    counter = PieceCounter(lowercase=True, capacity=1)
+    counter.look_up(["hello", "world"])
+    counter.look_up(["again"])                 # over capacity: cleared first
+    counter.learn(["hello"], [5], [1])
+    assert counter.look_up(["hello"]) == ([("hello",)], [5])
 
 
 # ---------------------------------------------------------------- merging

@@ -109,6 +109,43 @@ def test_the_pickle_is_protocol_4_with_names_numpy_1_and_2_both_import(outputs):
         assert len(pickle.loads(data)) == len(load_pickle(outputs / "out.pkl"))
 
 
+@pytest.mark.parametrize("name", ["out.pkl", "out.npy"])
+def test_a_batch_write_stopped_part_way_is_cut_off_and_not_counted(tmp_path, name):
+    """Ctrl-C or a full disk in the middle of a batch: the writer still counts only whole lines, and the next
+    write (leave_unfinished's last flush) starts where the last whole line ended."""
+    writer_class = tool.NpyWriter if name.endswith(".npy") else tool.PickleWriter
+
+    class StopsOnce(writer_class):
+        stopped = False
+
+        def write_batch(self, arrays):
+            if not self.stopped:
+                self.stopped = True
+                super().write_batch(arrays[:3])   # part of the batch reaches the files
+                raise tool.Interrupted(130)
+            super().write_batch(arrays)
+
+    writer = StopsOnce(str(tmp_path / name), resume=True)
+    writer.start(4)
+    arrays = [np.full((i % 3, 4), i, np.float32) for i in range(10)]
+    for array in arrays:
+        writer.write(array)
+    with pytest.raises(tool.Interrupted):
+        writer.flush()
+    assert writer.lines == 0
+    writer.flush()
+    assert writer.lines == 10
+    writer.commit(4)
+    if name.endswith(".npy"):
+        matrix, offsets = np.load(tmp_path / name), np.load(tmp_path / "out.offsets.npy")
+        loaded = [matrix[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    else:
+        loaded = load_pickle(tmp_path / name)
+    assert len(loaded) == 10
+    for array, back in zip(arrays, loaded):
+        np.testing.assert_array_equal(back, array)
+
+
 def test_npy_and_offsets_equal_the_pickle(outputs):
     arrays = load_pickle(outputs / "out.pkl")
     matrix = np.load(outputs / "out.npy", mmap_mode="r")
