@@ -119,20 +119,20 @@ def main():
         original_loop(corpus, output, int(port), int(port_out))
         return
     # Output goes to memory-backed storage where there is some, so the disk's speed is not what is measured.
-    scratch = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     rows = []
-    for lines in [1] + (args.lines or [4000, 40000]):
-        corpus = os.path.join(scratch, f"corpus-{lines}.txt")
-        make_corpus(corpus, lines)
-        out = os.path.join(scratch, "out.pkl")
-        tool = lambda port, port_out: [sys.executable, os.path.join(ROOT, "bert_token_embed.py"), corpus, "-o", out,
-                                       "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
-        orig = lambda port, port_out: [sys.executable, __file__, "--original-loop", corpus, out, str(port),
-                                       str(port_out)]
-        rows.append((lines, measure("this tool", tool, args.cost_us, args.request_ms)))
-        if lines > 1:
-            rows.append((lines, measure("original loop", orig, args.cost_us, args.request_ms)))
-        os.unlink(out)
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as scratch:
+        for lines in [1] + (args.lines or [4000, 40000]):
+            corpus = os.path.join(scratch, f"corpus-{lines}.txt")
+            make_corpus(corpus, lines)
+            out = os.path.join(scratch, "out.pkl")
+            tool = lambda port, port_out: [sys.executable, os.path.join(ROOT, "bert_token_embed.py"), corpus, "-o", out,
+                                           "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
+            orig = lambda port, port_out: [sys.executable, __file__, "--original-loop", corpus, out, str(port),
+                                           str(port_out)]
+            rows.append((lines, measure("this tool", tool, args.cost_us, args.request_ms)))
+            if lines > 1:
+                rows.append((lines, measure("original loop", orig, args.cost_us, args.request_ms)))
+            os.unlink(out)
     print(f"simulated GPU: {args.cost_us:g} us per padded position + {args.request_ms:g} ms per request; "
           f"768-d rows; server -max_seq_len NONE")
     print(f"{'lines':>6} {'client':<14} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'padded':>9} {'useful':>9} "
