@@ -259,9 +259,7 @@ class PieceCounter:
 
     def look_up(self, units):
         """The units' basic tokens and piece counts, as two lists."""
-        try:
-            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
-        except KeyError:
+        if not all(map(self.basic.__contains__, units)):
             if len(self.basic) > self.capacity:
                 self.basic.clear()
                 self.pieces.clear()
@@ -269,7 +267,7 @@ class PieceCounter:
                 if unit not in self.basic:
                     self.basic[unit] = basic = basic_tokens(unit, self.lowercase)
                     self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
-            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
+        return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
 
     def learn(self, units, counts, estimates):
         """Remember the server's piece counts where they differ from the estimates."""
@@ -562,7 +560,6 @@ class Server:
         except Exception as err:   # zmq.ZMQError for an address it cannot connect to
             raise UsageError(f"cannot connect to {self.name}: {err}") from None
         self.in_flight = {}
-        self.sentences = 0   # in the requests in flight
         self.last_heard = time.monotonic()
         self.replies = 0
         self.config = None
@@ -586,7 +583,11 @@ class Server:
             warnings.simplefilter("ignore")
             self.client.encode(request.texts, blocking=False)
         self.in_flight[self.client.request_id] = request
-        self.sentences += len(request.texts)
+
+    @property
+    def sentences(self):
+        """Sentences in the requests in flight."""
+        return sum(len(request.texts) for request in self.in_flight.values())
 
     def read_reply(self):
         """Take one encode reply off the socket, the rows left in the message buffer: (request id, array, piece lists).
@@ -747,7 +748,6 @@ class ServerPool:
                     request = server.in_flight.pop(request_id, None)
                     if request is None:
                         continue   # a late answer to nothing we wait for
-                    server.sentences -= len(request.texts)
                     server.last_heard = time.monotonic()
                     server.replies += 1
                     return server, request, embedding, tokens
@@ -1221,8 +1221,8 @@ class BatchWriter:
     what the files hold whole: they move on only once a batch is written in full, and a
     batch always starts where the last whole one ended, so whatever stops a run (Ctrl-C,
     a full disk) the --resume record can trust them. Subclasses hold ``files``
-    (StagedFiles), begin them with ``start`` or ``restore`` (ending in ``count_whole``)
-    and write a batch with ``write_batch``.
+    (StagedFiles), begin them with ``start`` (ending in ``count_whole``) and write a
+    batch with ``write_batch``.
     """
 
     BATCH = 256   # lines
@@ -1239,6 +1239,16 @@ class BatchWriter:
         """Note that the files hold ``lines`` whole lines, and end there."""
         self.lines = lines
         self.sizes = [staged.file.tell() for staged in self.files]
+
+    def restore(self, lines, sizes, hidden):
+        """Continue partial files that held ``lines`` whole lines up to ``sizes``."""
+        self.lines, self.sizes = lines, sizes
+        self.cut_back()
+
+    def cut_back(self):
+        """Cut the files back to where the last whole line ends: what a write that failed left goes."""
+        for staged, size in zip(self.files, self.sizes):
+            staged.truncate(size)
 
     def write(self, array):
         """Add one line's array."""
@@ -1257,10 +1267,8 @@ class BatchWriter:
             self.failure = err
 
     def write_whole(self, batch):
-        """Write a batch after the last whole one (cutting off what a write that failed left), then count it."""
-        for staged, size in zip(self.files, self.sizes):
-            if staged.file.tell() != size:
-                staged.truncate(size)
+        """Write a batch after the last whole one, then count it."""
+        self.cut_back()
         self.write_batch(batch)
         self.count_whole(self.lines + len(batch))
 
@@ -1304,11 +1312,6 @@ class PickleWriter(BatchWriter):
         self.files[0].truncate(0)
         self.files[0].file.write(b"\x80\x04]")
         self.count_whole(0)
-
-    def restore(self, lines, sizes, hidden):
-        """Continue a partial stream that held ``lines`` lines, in complete batches, up to ``sizes``."""
-        self.files[0].truncate(sizes[0])
-        self.count_whole(lines)
 
     @staticmethod
     @lru_cache(maxsize=4096)
@@ -1394,10 +1397,8 @@ class NpyWriter(BatchWriter):
 
     def restore(self, lines, sizes, hidden):
         """Continue partial files that held ``lines`` complete lines up to ``sizes``."""
-        for staged, size in zip(self.files, sizes):
-            staged.truncate(size)
+        super().restore(lines, sizes, hidden)
         self.row_bytes = 4 * hidden
-        self.count_whole(lines)
 
     @property
     def rows(self):

@@ -261,10 +261,11 @@ class SimulatedRows(TableRows):
 
     def rows(self, features: Features) -> np.ndarray:
         shape = (len(features.tokens), features.seq_len, self.hidden)
-        if self.zeros.size < math.prod(shape):
-            self.zeros = np.zeros(math.prod(shape), np.float32)
+        size = math.prod(shape)
+        if self.zeros.size < size:
+            self.zeros = np.zeros(size, np.float32)
             self.zeros.flags.writeable = False
-        return self.zeros[:math.prod(shape)].reshape(shape)
+        return self.zeros[:size].reshape(shape)
 
 
 class ModelRows:
