@@ -986,6 +986,37 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     return iter(ServerRun(lines, pool, how, batch_size, chunk_lines, stats))
 
 
+class ChunkReader:
+    """Input lines read a few at a time into chunks, whose windows go out sorted by length once a chunk is complete."""
+
+    def __init__(self, lines, counter, limit, chunk_lines):
+        self.numbered = enumerate(lines, 1)
+        self.counter, self.limit = counter, limit
+        self.exhausted = False
+        self.chunk_lines = chunk_lines
+        self.chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones sort with learnt counts
+        self.staged, self.staged_lines = [], []           # windows and lines of the chunk being read
+
+    def read_some(self):
+        """Read up to READ_STEP lines and stage their windows; return their sentences."""
+        sentences = [Sentence(number, line.split(), self.counter)
+                     for number, line in itertools.islice(self.numbered, READ_STEP)]
+        for sentence in sentences:
+            self.staged.extend(sentence.plan(self.limit))
+        self.staged_lines.extend(sentences)
+        self.exhausted = len(sentences) < READ_STEP
+        return sentences
+
+    def take_chunk(self, idle):
+        """The staged windows in order of length, once the chunk is complete (or, with servers ``idle``, big enough); else []."""
+        starving = idle and self.chunk == self.chunk_lines and len(self.staged_lines) >= FIRST_CHUNK_LINES
+        if not (self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving)):
+            return []
+        windows = sorted(self.staged, key=lambda w: w.size)
+        self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
+        return windows
+
+
 class ServerRun:
     """The work of one server-mode run: lines read, windows queued and in flight, rows merged, lines handed out.
 
@@ -998,40 +1029,35 @@ class ServerRun:
 
     def __init__(self, lines, pool, how, batch_size, chunk_lines, stats):
         self.pool, self.how, self.batch_size, self.stats = pool, how, batch_size, stats
-        self.limit = pool.limit
-        self.unicode = pool.unicode
         self.counter = PieceCounter(pool.lowercase, pool.unicode.lacks)
-        self.numbered = enumerate(lines, 1)
-        self.exhausted = False
-        self.chunk_lines = chunk_lines
-        self.chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones sort with learnt counts
-        self.staged, self.staged_lines = [], []           # windows and lines of the chunk being read
+        self.reader = ChunkReader(lines, self.counter, pool.limit, chunk_lines)
         self.open_lines = collections.deque()             # lines read and not yet handed out, in input order
         self.queue = collections.deque()                  # requests waiting for a server with room
-        self.questions = PieceQuestions(self.limit)
+        self.questions = PieceQuestions(pool.limit)
 
     def __iter__(self):
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
-        pool = self.pool
+        pool, reader = self.pool, self.reader
         while True:
             if pool.orphans:
                 self.stats.resent += len(pool.orphans)
                 self.queue.extendleft(reversed(pool.orphans))
                 pool.orphans.clear()
-            self.queue_chunk_if_ready()
-            can_read = not self.exhausted and len(self.open_lines) < 2 * self.chunk_lines
+            self.queue.extend(embed_requests(reader.take_chunk(idle=not (self.queue or pool.busy)),
+                                             self.batch_size, pool.padded_length))
+            can_read = not reader.exhausted and len(self.open_lines) < 2 * reader.chunk_lines
             self.ask_questions(can_read)
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
             yield from self.finished_lines()
-            if not (pool.busy or self.queue or can_read or self.staged):
+            if not (pool.busy or self.queue or can_read or reader.staged):
                 return
             # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
             reply = pool.receive(wait=not can_read) if pool.busy else None
             if reply is not None:
                 self.take_reply(*reply)
             elif can_read:
-                self.read_some()
+                self.open_lines.extend(reader.read_some())
 
     def ask_questions(self, can_read):
         """Queue the questions about units alone, first: in full requests, or all once no other work could add to them.
@@ -1059,26 +1085,6 @@ class ServerRun:
                            sentence.resynced, sentence.truncated_units)
             yield token_rows(sentence, self.how, self.pool.hidden)
 
-    def read_some(self):
-        """Read a few lines and plan their windows into the chunk being read."""
-        read = 0
-        for number, line in itertools.islice(self.numbered, READ_STEP):
-            read += 1
-            sentence = Sentence(number, line.split(), self.counter)
-            self.open_lines.append(sentence)
-            self.staged_lines.append(sentence)
-            self.staged.extend(sentence.plan(self.limit))
-        self.exhausted = read < READ_STEP
-
-    def queue_chunk_if_ready(self):
-        """Queue the chunk being read, in order of length, once it is complete (or a server would idle)."""
-        starving = (self.chunk == self.chunk_lines and not self.queue and not self.pool.busy
-                    and len(self.staged_lines) >= FIRST_CHUNK_LINES)
-        if self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving):
-            self.staged.sort(key=lambda w: w.size)
-            self.queue.extend(embed_requests(self.staged, self.batch_size, self.pool.padded_length))
-            self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
-
     def take_reply(self, server, request, embedding, tokens):
         """Check a reply, place its pieces on the tokens, merge the rows and plan what the sentences still need."""
         check_reply(server, request, embedding, tokens, self.pool.hidden)
@@ -1099,12 +1105,12 @@ class ServerRun:
         merge_parts(parts, self.how)
         for sentence in touched:
             if sentence.in_flight == 0 and not sentence.done:
-                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.limit), self.batch_size,
+                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.pool.limit), self.batch_size,
                                                              self.pool.padded_length)))
 
     def ran_short(self, counts, units, pieces):
         """True if the pieces ran out before the units although the server did not fill the window: no truncation."""
-        return len(counts) < len(units) and len(pieces) < self.limit
+        return len(counts) < len(units) and len(pieces) < self.pool.limit
 
     def place(self, window, pieces, rows, known=None):
         """Align one window's pieces to its units; return what ``Sentence.accept`` kept, or WAITING if the window waits.
@@ -1117,7 +1123,7 @@ class ServerRun:
         counts = align(basic, pieces)
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
         # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
-        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(self.unicode.doubtful, units))
+        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(self.pool.unicode.doubtful, units))
         resync = counts is None or unsure or self.ran_short(counts, units, pieces)
         if resync:
             known = known or self.questions.known(units)
