@@ -149,6 +149,17 @@ def test_embed_iter_with_a_model_yields_as_it_goes(minilm_embedder):
     assert len(got) == 300 and all(a.shape == (3, 384) for a in got)
 
 
+def test_the_command_line_with_model_minilm_writes_what_the_api_gives(minilm_embedder, tmp_path):
+    assert tool.main([str(REPO / "input.txt"), "--model", "minilm", "--device", "cpu", "-o", str(tmp_path / "o.pkl"),
+                      "-q"]) == 0
+    with open(tmp_path / "o.pkl", "rb") as f:
+        written = pickle.load(f)
+    api = minilm_embedder.embed(["Hello World !", "I'm hankcs"])
+    assert [a.shape for a in written] == [(3, 384), (2, 384)]
+    for a, b in zip(written, api):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_module_level_embed_iter_and_layers(minilm_embedder):
     [both] = list(tool.embed_iter(["Hello World !"], model="minilm", layer=[-1, -2], device="cpu"))
     [second] = minilm_embedder.embed(["Hello World !"])

@@ -77,6 +77,7 @@ def test_local_rows_equal_a_direct_transformers_computation(minilm_model, refere
     assert stats.lines == len(LINES)
 
 
+@pytest.mark.slow
 def test_cli_model_mode_writes_one_array_per_line(tmp_path, reference):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
@@ -176,7 +177,8 @@ def test_roberta_pieces_map_to_the_user_tokens(tiny_roberta):
 
 # ---------------------------------------------------------------- both modes, one answer
 
-@pytest.mark.parametrize("how", ["mean", *(pytest.param(how, marks=pytest.mark.slow) for how in tool.MERGES[1:])])
+@pytest.mark.slow
+@pytest.mark.parametrize("how", tool.MERGES)
 def test_server_mode_and_model_mode_agree(tmp_path, how):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
