@@ -1853,6 +1853,7 @@ examples:
   python bert_token_embed.py input.txt --merge last          # ask the bert-serving-server on localhost:5555/5556
   cat corpus.txt | python bert_token_embed.py - -o corpus.npy --server gpu1 --server gpu2:6000
   python bert_token_embed.py ud.conllu --input-format conllu --model minilm -o ud.hdf5
+  python bert_token_embed.py input.txt --model minilm --layer -1,-2 --stack-layers -o both.h5
 
 The server must run with -pooling_strategy NONE -show_tokens_to_client (and, for speed,
 -max_seq_len NONE). Output, by the name's extension: .pkl/.pickle a pickled list with one

@@ -390,7 +390,8 @@ def test_help_exits_0():
     from conftest import REPO, SCRIPT
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for option in ("--merge", "--server", "--ip", "--port", "--port-out", "--batch-size", "--timeout", "-q"):
+    for option in ("--merge", "--server", "--ip", "--port", "--port-out", "--batch-size", "--timeout", "-q",
+                   "--input-format conllu", "--stack-layers", "--model minilm", "-o ud.hdf5"):
         assert option in proc.stdout
 
 
