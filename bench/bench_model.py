@@ -32,7 +32,8 @@ from corpus import make_corpus  # noqa: E402
 def run_tool(model, lines, batch_size):
     """This tool's embedded mode, from lines to merged token rows."""
     stats = tool.Stats()
-    return list(tool.embed_locally(iter(lines), model, "mean", batch_size, tool.MODEL_CHUNK_LINES, stats))
+    return list(tool.embed_locally((line.split() for line in lines), model, "mean", batch_size,
+                                  tool.MODEL_CHUNK_BATCHES * batch_size, stats))
 
 
 def run_bare(model, lines, batch_size):

@@ -268,7 +268,7 @@ def test_no_server_exits_2_with_the_start_command(run_cli, tmp_path):
 def test_unsuitable_server_exits_2_naming_the_flag(uncased_server, run_cli, tmp_path, expect, options, flag):
     (tmp_path / "in.txt").write_text(HELLO)
     with uncased_server(**options) as bad:
-        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(bad)])
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(bad), "-q"])
     assert rc == 2, err
     assert flag in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -390,7 +390,8 @@ def test_help_exits_0():
     from conftest import REPO, SCRIPT
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for option in ("--merge", "--server", "--ip", "--port", "--port-out", "--batch-size", "--timeout", "-q"):
+    for option in ("--merge", "--server", "--ip", "--port", "--port-out", "--batch-size", "--timeout", "-q",
+                   "--input-format conllu", "--stack-layers", "--model minilm", "-o ud.hdf5"):
         assert option in proc.stdout
 
 

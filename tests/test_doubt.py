@@ -199,7 +199,7 @@ def test_servers_on_pythons_with_other_unicode_tables_are_refused(uncased_server
     (tmp_path / "in.txt").write_text("a b\n")
     with uncased_server(max_seq_len=None, hidden=4) as old, \
             uncased_server(max_seq_len=None, hidden=4, python_version="3.6.15 (default)", unicode_version=(9, 0)) as older:
-        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl",
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "-q",
                               "--server", f"127.0.0.1:{old.port}:{old.port_out}",
                               "--server", f"127.0.0.1:{older.port}:{older.port_out}"])
     assert rc == 2 and err.count("\n") == 1 and "different Unicode tables (3.6.15, 3.7.9)" in err

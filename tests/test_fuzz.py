@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bert_token_embed as tool
+
+pytestmark = pytest.mark.slow
 from conftest import server_args, token_pieces
 
 EXAMPLES = 150   # per casing: 300 generated files in all

@@ -68,7 +68,7 @@ def reference(minilm_model):
 @pytest.mark.parametrize("how", tool.MERGES)
 def test_local_rows_equal_a_direct_transformers_computation(minilm_model, reference, how):
     stats = tool.Stats()
-    got = list(tool.embed_locally(iter(LINES), minilm_model, how, 4, 64, stats))
+    got = list(tool.embed_locally((line.split() for line in LINES), minilm_model, how, 4, 64, stats))
     assert len(got) == len(LINES)
     for line, rows in zip(LINES, got):
         assert rows.dtype == np.float32 and rows.shape == (len(line.split()), 384)
@@ -77,6 +77,7 @@ def test_local_rows_equal_a_direct_transformers_computation(minilm_model, refere
     assert stats.lines == len(LINES)
 
 
+@pytest.mark.slow
 def test_cli_model_mode_writes_one_array_per_line(tmp_path, reference):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
@@ -90,6 +91,7 @@ def test_cli_model_mode_writes_one_array_per_line(tmp_path, reference):
     assert "6 lines, 27 tokens (1 with no word piece" in err
 
 
+@pytest.mark.slow
 def test_several_layers_are_concatenated_in_order(minilm_model, tmp_path):
     source = tmp_path / "in.txt"
     source.write_text("Hello World !\n", encoding="utf-8")
@@ -98,7 +100,7 @@ def test_several_layers_are_concatenated_in_order(minilm_model, tmp_path):
     status, err = cli(str(source), "--model", MODEL, "--layer", "-1", "-o", str(tmp_path / "last.pkl"), "-q")
     assert status == 0, err
     two, last = load(tmp_path / "two.pkl")[0], load(tmp_path / "last.pkl")[0]
-    single = list(tool.embed_locally(iter(["Hello World !"]), minilm_model, "mean", 8, 8, tool.Stats()))[0]
+    single = list(tool.embed_locally(iter([["Hello", "World", "!"]]), minilm_model, "mean", 8, 8, tool.Stats()))[0]
     assert two.shape == (3, 768)
     np.testing.assert_allclose(two[:, :384], last, atol=1e-5)
     np.testing.assert_allclose(two[:, 384:], single, atol=1e-5)
@@ -108,7 +110,7 @@ def test_long_lines_use_windows_with_context(minilm_model):
     model = tool.LocalModel(MODEL, (-2,), "cpu", 16)         # 14 pieces a window
     line = " ".join(f"word{i} hankcs" for i in range(40))    # ~200 pieces
     stats = tool.Stats()
-    rows = list(tool.embed_locally(iter([line, "short line"]), model, "mean", 8, 8, stats))
+    rows = list(tool.embed_locally(iter([line.split(), ["short", "line"]]), model, "mean", 8, 8, stats))
     assert rows[0].shape == (80, 384) and rows[1].shape == (2, 384)
     assert not (rows[0] == 0).all(axis=1).any()                # every token got pieces
     assert stats.long_lines == 1
@@ -161,7 +163,7 @@ def test_roberta_pieces_map_to_the_user_tokens(tiny_roberta):
     for line, (ids, words) in zip(lines, ids_words):
         assert sorted(set(words)) == list(range(len(line.split())))   # every word has pieces, in order
         assert words == sorted(words)
-    got = list(tool.embed_locally(iter(lines), model, "mean", 2, 8, tool.Stats()))
+    got = list(tool.embed_locally((line.split() for line in lines), model, "mean", 2, 8, tool.Stats()))
     assert [a.shape for a in got] == [(3, 32), (4, 32), (36, 32)]
     # Each word's row is the mean of its own pieces, as the model computes the first line alone.
     enc = model.tokenizer([lines[0].split()], is_split_into_words=True, return_tensors="pt")
@@ -175,6 +177,7 @@ def test_roberta_pieces_map_to_the_user_tokens(tiny_roberta):
 
 # ---------------------------------------------------------------- both modes, one answer
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", tool.MERGES)
 def test_server_mode_and_model_mode_agree(tmp_path, how):
     source = tmp_path / "in.txt"
@@ -199,6 +202,7 @@ def test_model_and_server_options_together_are_a_usage_error(tmp_path):
     assert status == 2 and err.count("\n") == 1 and "--model" in err
 
 
+@pytest.mark.slow
 def test_missing_model_directory_is_a_usage_error(tmp_path):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.pkl"))
     assert status == 2 and err.count("\n") == 1 and "model directory" in err and "not found" in err
@@ -223,12 +227,14 @@ def test_without_torch_the_message_says_what_to_install(tmp_path):
     (["--layer", "-1,,-2"], "--layer -1,,-2"),
     (["--layer", "9"], "has hidden states"),
 ])
+@pytest.mark.slow
 def test_model_options_that_cannot_work_are_one_line(tmp_path, args, words):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", MODEL, "-o", str(tmp_path / "x.pkl"), *args)
     assert status == 2 and err.count("\n") == 1 and words in err
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_directory_without_a_model_is_named(tmp_path):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path), "-o", str(tmp_path / "x.pkl"))
     assert status == 2 and "no Hugging Face model directory" in err and err.count("\n") == 1

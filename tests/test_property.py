@@ -22,6 +22,8 @@ import pytest
 from hypothesis import Phase, example, given, note, settings, strategies as st
 
 import bert_token_embed
+
+pytestmark = pytest.mark.slow   # with test_property_saw_a_few_hundred_lines, which counts the others' lines
 from bert_token_embed import MERGES, ServerPool, Stats
 
 CONFIGS = [(lower, msl) for lower in (True, False) for msl in (25, None)]
@@ -131,7 +133,7 @@ def line(extra=None):
 def run_and_check(state, expect, lines, config, how, batch_size, chunk_lines):
     srv, pool, tables = pool_for(state, config)
     note(f"config={config} how={how} batch_size={batch_size} chunk_lines={chunk_lines}")
-    arrays = list(bert_token_embed.embed_via_servers(iter(lines), pool, how, batch_size, chunk_lines, Stats()))
+    arrays = list(bert_token_embed.embed_via_servers((line.split() for line in lines), pool, how, batch_size, chunk_lines, Stats()))
     assert len(arrays) == len(lines)
     for text, array in zip(lines, arrays):
         expect.check_line(srv, tables, text, array, how)
