@@ -25,8 +25,10 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import signal
+import string
 import sys
 import tempfile
 import threading
@@ -395,6 +397,9 @@ class StandinServer:
         self._encode_count = 0
         self._device_free_at = 0.0   # simulate_gpu: when the simulated device finishes its last request
         self._start_time = str(datetime.now())
+        # Internal addresses as the real server reports them: libzmq's names for "ipc://*".
+        self._ipc = [f"ipc://tmp{''.join(random.choices(string.ascii_letters + string.digits, k=6))}/socket"
+                     for _ in range(10)]
 
     # -- public API ---------------------------------------------------------
 
@@ -463,9 +468,9 @@ class StandinServer:
         runtime = {
             "client": identity.decode("ascii"),
             "num_process": 2,  # the sink and one worker
-            "ventilator -> worker": [f"ipc:///tmp/standin-{self.port}/v2w-{i}" for i in range(8)],
-            "worker -> sink": f"ipc:///tmp/standin-{self.port}/w2s",
-            "ventilator <-> sink": f"ipc:///tmp/standin-{self.port}/v2s",
+            "ventilator -> worker": self._ipc[:8],
+            "worker -> sink": self._ipc[8],
+            "ventilator <-> sink": self._ipc[9],
             "server_current_time": str(datetime.now()),
             "device_map": [],
             "num_concurrent_socket": 8,
@@ -486,8 +491,8 @@ class StandinServer:
             "tuned_model_dir": None, "verbose": False, "xla": False,
         }
         static = {
-            "tensorflow_version": ["1", "15", "0"],
-            "python_version": "3.7.9 (default, Aug 31 2020, 12:42:55) \n[GCC 7.3.0]",
+            "tensorflow_version": ["1", "15", "5"],   # what pip installs for tensorflow==1.15.5
+            "python_version": "3.7.16 (default, May  9 2026, 07:31:42) \n[GCC 12.2.0]",
             "server_version": self.server_version,
             "pyzmq_version": zmq.pyzmq_version(),
             "zmq_version": zmq.zmq_version(),
@@ -721,35 +726,62 @@ def parse_batch(payload: bytes) -> list:
 
 
 class RequestStatistic:
-    """A reduced version of the real ServerStatistic for SHOW_STATUS."""
+    """The real ServerStatistic for SHOW_STATUS: the same keys, computed the same way (without its 500-client cap)."""
+
+    ACTIVE_S = 180   # a client is active while its last data request is this recent
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._clients: dict[bytes, int] = {}
-        self._sizes: list[int] = []
+        self._requests_per_client: dict[bytes, int] = {}
+        self._last_active: dict[bytes, float] = {}
+        self._sizes: dict[int, int] = {}     # request size -> how many requests had it
         self._num_sys = 0
+        self._last_time = time.perf_counter()
+        self._intervals: list[float] = []    # the last 200 intervals between data requests
 
     def update(self, identity: bytes, msg: bytes, msg_len: int) -> None:
         """Count one well-formed request."""
         with self._lock:
-            self._clients[identity] = self._clients.get(identity, 0) + 1
+            self._requests_per_client[identity] = self._requests_per_client.get(identity, 0) + 1
             if msg in (TERMINATION, SHOW_CONFIG, SHOW_STATUS):
                 self._num_sys += 1
-            else:
-                self._sizes.append(msg_len)
+                return
+            self._sizes[msg_len] = self._sizes.get(msg_len, 0) + 1
+            now = time.perf_counter()
+            self._last_active[identity] = now
+            if len(self._intervals) < 200:
+                self._intervals.append(now - self._last_time)
+            else:   # as the real one: the oldest goes, the newest is not added
+                self._intervals.pop(0)
+            self._last_time = now
 
     def value(self) -> dict:
-        """Return the counters with the real key names."""
+        """Return the counters with the real key names and meanings."""
         with self._lock:
+            now = time.perf_counter()
+            data = sum(self._sizes.values())
             value = {
-                "num_data_request": len(self._sizes), "num_total_seq": sum(self._sizes),
-                "num_sys_request": self._num_sys, "num_total_request": len(self._sizes) + self._num_sys,
-                "num_total_client": len(self._clients), "num_active_client": len(self._clients),
+                "num_data_request": data, "num_total_seq": sum(k * v for k, v in self._sizes.items()),
+                "num_sys_request": self._num_sys, "num_total_request": data + self._num_sys,
+                "num_total_client": len(self._requests_per_client),
+                "num_active_client": sum(now - t < self.ACTIVE_S for t in self._last_active.values()),
             }
-            if self._sizes:
-                value.update(avg_size_per_request=sum(self._sizes) / len(self._sizes),
-                             min_size_per_request=min(self._sizes), max_size_per_request=max(self._sizes))
+            value.update(min_max_avg("request_per_client", list(self._requests_per_client.values())))
+            # Over the distinct sizes, as the real one (so num_min/num_max count sizes, not requests).
+            value.update(min_max_avg("size_per_request", list(self._sizes),
+                                     data and value["num_total_seq"] / data))
+            value.update(min_max_avg("last_two_interval", self._intervals))
+            value.update(min_max_avg("request_per_second", [1.0 / v for v in self._intervals if v > 0]))
             return value
+
+
+def min_max_avg(name: str, values: list, avg=None) -> dict:
+    """avg_/min_/max_/num_min_/num_max_NAME of the values, or nothing for no values (the real get_min_max_avg)."""
+    if not values:
+        return {}
+    low, high = min(values), max(values)
+    return {f"avg_{name}": sum(values) / len(values) if avg is None else avg, f"min_{name}": low,
+            f"max_{name}": high, f"num_min_{name}": values.count(low), f"num_max_{name}": values.count(high)}
 
 
 # ---------------------------------------------------------------------------
