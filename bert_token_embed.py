@@ -49,6 +49,10 @@ READ_STEP = 128           # lines read between looks for replies
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
 KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
+# The Unicode version of each Python's unicodedata: a server's sys.version tells its tables.
+PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 1), (3, 9): (13, 0),
+                  (3, 10): (13, 0), (3, 11): (14, 0), (3, 12): (15, 0), (3, 13): (15, 1), (3, 14): (16, 0)}
+OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
 
 
 class UsageError(Exception):
@@ -150,16 +154,18 @@ def _split_punctuation(word):
     return parts
 
 
-def basic_tokens(token, lowercase):
+def basic_tokens(token, lowercase, lacks=None):
     """The basic tokens that BERT's BasicTokenizer (as run by bert-serving-server) makes of one token.
 
     Each basic token becomes either a run of word pieces that spell it (``##`` removed) or
-    exactly one ``[UNK]``; an empty result means the token gets no piece at all.
+    exactly one ``[UNK]``; an empty result means the token gets no piece at all. ``lacks``
+    tells the characters the server's Unicode tables do not have: it deletes them.
     """
     if token.isascii() and token.isalnum():     # most tokens: nothing to clean, split or strip
         return (token.lower() if lowercase else token,)
     text = "".join(" " if _is_whitespace(c) else (f" {c} " if _is_cjk(c) else c)
-                   for c in token if c != "\0" and c != "\ufffd" and not _is_control(c))
+                   for c in token if c != "\0" and c != "\ufffd" and not _is_control(c)
+                   and not (lacks and lacks(c)))
     result = []
     for word in text.split():
         if lowercase:
@@ -169,16 +175,68 @@ def basic_tokens(token, lowercase):
     return tuple(" ".join(result).split())
 
 
-@lru_cache(maxsize=1 << 16)
-def unicode_may_differ(unit):
-    """True if the unit has a character whose Unicode category is not the same in Unicode 3.2 and here.
+def bert_class(category):
+    """What BERT's BasicTokenizer makes of a character of this Unicode category: a space, deleted, split off, stripped (a mark) or kept."""
+    if category == "Zs":
+        return "space"
+    if category.startswith("C"):
+        return "control"
+    if category.startswith("P"):
+        return "punctuation"
+    return "mark" if category == "Mn" else "other"
 
-    Such characters were added or changed after 3.2, so a server on an older Python may
-    classify them differently (delete, split or keep them), and an ``[UNK]`` that seems to
-    fit could belong to a neighbour. Their alignment is checked with the server.
+
+def unicode_of_python(python_version):
+    """The Unicode version (major, minor) of the ``unicodedata`` of the Python whose ``sys.version`` this is; None if unknown."""
+    match = re.match(r"(\d+)\.(\d+)\.", python_version) if isinstance(python_version, str) else None
+    return match and PYTHON_UNICODE.get((int(match[1]), int(match[2])))
+
+
+class ServerUnicode:
+    """What a server's Unicode tables hold, as far as the Python version it reports tells.
+
+    The BasicTokenizer deletes every character of category C*, the unassigned (Cn) ones
+    too, so a server on an older Python deletes each character its tables lack (an emoji
+    newer than its Python, say): those are modelled exactly, from each character's
+    Unicode age (the unicode-age package). What stays in doubt are the characters whose
+    class for BERT may differ between its tables and ours without showing in the
+    pieces' spelling: an ``[UNK]`` or an empty unit next to them could belong to a
+    neighbour, so such windows are checked with the server.
     """
-    return not unit.isascii() and any(
-        unicodedata.ucd_3_2_0.category(c) != unicodedata.category(c) for c in unit)
+
+    def __init__(self, version):
+        self.version = version                  # (major, minor), or None: the server did not say
+        self.assigned = None                    # for an older server: sorted (first, last) code point ranges it has
+        if version is not None and version < OUR_UNICODE:
+            try:
+                from unicode_age.unicode_age_db import iter_spans
+            except ImportError:
+                warn("the unicode-age package is missing (pip install -r requirements.txt): text with characters "
+                     "newer than the server's Python costs extra requests")
+                self.version = None
+            else:
+                spans = sorted((first, last + 1) for first, last, major, minor in iter_spans() if (major, minor) <= version)
+                self.assigned = [cp for span in spans for cp in span]   # starts and ends (one past the last) in turn
+        self.doubtful = lru_cache(maxsize=1 << 16)(self._doubtful)
+
+    def lacks(self, char):
+        """True if the server's tables do not have this character, so that its tokenizer deletes it."""
+        if self.assigned is None:
+            return False
+        return bisect.bisect_right(self.assigned, ord(char)) % 2 == 0   # even: before a range, or between two
+
+    def _doubtful(self, unit):
+        """True if a character of the unit may be of another class for BERT in the server's tables than in ours."""
+        if unit.isascii() or self.version == OUR_UNICODE:
+            return False
+        if self.version is None:   # any character added or changed since Unicode 3.2 may differ
+            return any(unicodedata.ucd_3_2_0.category(c) != unicodedata.category(c) for c in unit)
+        if self.version > OUR_UNICODE:   # the server may know characters we do not
+            return any(unicodedata.category(c) == "Cn" for c in unit)
+        # An older server: a character it has is taken as it is here, except the few whose class changed since 3.2.
+        return any(not self.lacks(c) and unicodedata.ucd_3_2_0.category(c) != "Cn"
+                   and bert_class(unicodedata.ucd_3_2_0.category(c)) != bert_class(unicodedata.category(c))
+                   for c in unit)
 
 
 def align(expected, pieces):
@@ -251,8 +309,9 @@ class PieceCounter:
     the first few batches.
     """
 
-    def __init__(self, lowercase, capacity=1 << 18):   # units: some 100 MB at most
+    def __init__(self, lowercase, lacks=None, capacity=1 << 18):   # units: some 100 MB at most
         self.lowercase = lowercase
+        self.lacks = lacks   # the characters the server's Unicode tables do not have
         self.capacity = capacity
         self.basic = {}    # unit -> its basic tokens
         self.pieces = {}   # unit -> its piece count, learnt or estimated
@@ -265,7 +324,7 @@ class PieceCounter:
                 self.pieces.clear()
             for unit in units:
                 if unit not in self.basic:
-                    self.basic[unit] = basic = basic_tokens(unit, self.lowercase)
+                    self.basic[unit] = basic = basic_tokens(unit, self.lowercase, self.lacks)
                     self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
         return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
 
@@ -659,10 +718,15 @@ def batch_bounds(sizes, batch_size):
     return bounds
 
 
-def embed_requests(windows, batch_size):
-    """Requests for the windows in order, each window sent as its units joined by SEPARATOR."""
+def embed_requests(windows, batch_size, padded_length=None):
+    """Requests for the windows in order, each window sent as its units joined by SEPARATOR.
+
+    A server with a fixed max_seq_len pads every sentence to ``padded_length``, so only
+    the batch size ends its requests; with -max_seq_len NONE padding ends them too.
+    """
+    sizes = [padded_length or w.size + 2 for w in windows]   # + [CLS] and [SEP]
     return [Request("embed", tuple(windows[first:end]), [SEPARATOR.join(w.units) for w in windows[first:end]])
-            for first, end in batch_bounds([w.size + 2 for w in windows], batch_size)]   # + [CLS] and [SEP]
+            for first, end in batch_bounds(sizes, batch_size)]
 
 
 class ServerPool:
@@ -689,7 +753,10 @@ class ServerPool:
                 raise UsageError("the servers differ in do_lower_case or max_seq_len; "
                                  "start them all with the same model and flags")
             self.lowercase, max_seq_len = settings.pop()
+            versions = {unicode_of_python(server.config.get("python_version")) for server in self.servers}
+            self.unicode = ServerUnicode(versions.pop() if len(versions) == 1 else None)
             self.limit = (max_seq_len or MAX_POSITIONS) - 2
+            self.padded_length = max_seq_len   # what every sentence is padded to; None: each batch's longest
             for server in self.servers:
                 self.poller.register(server.client.receiver, zmq.POLLIN)
             self.probe()
@@ -809,6 +876,75 @@ def check_reply(server, request, embedding, tokens, hidden):
                        f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
 
 
+class Parked:
+    """A window whose pieces wait for the server's pieces of some of its units alone."""
+
+    __slots__ = ("window", "pieces", "rows", "known", "missing")
+
+    def __init__(self, window, pieces, rows, known):
+        self.window, self.pieces, self.rows = window, pieces, rows
+        self.known = dict(zip(window.units, known))   # unit -> its pieces alone, None until the server says
+        self.missing = sum(k is None for k in self.known.values())
+
+    def known_pieces(self):
+        """Each unit's pieces alone, in the window's order."""
+        return [self.known[unit] for unit in self.window.units]
+
+
+class PieceQuestions:
+    """The units whose pieces alone the server is asked for: each asked once, and the windows waiting for the answers.
+
+    Questions are sent in full requests, sorted by length, or all together when the run
+    would otherwise wait for them; the answers are remembered (up to KNOWN_PIECES_LIMIT
+    units) for later windows with the same units.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.answers = {}   # unit -> the server's pieces for it alone
+        self.waiters = {}   # unit asked about -> the parked windows waiting for its answer
+        self.unsent = {}    # units to ask about, not yet sent, in order (a dict as an ordered set)
+
+    def known(self, units):
+        """The server's pieces for each unit alone, None where it has not said."""
+        return [self.answers.get(unit) for unit in units]
+
+    def park(self, window, pieces, rows, known):
+        """Let a window wait for its units with no known pieces; queue a question for each that nobody asked about."""
+        parked = Parked(window, pieces, rows, known)
+        for unit, pieces_alone in parked.known.items():
+            if pieces_alone is None:
+                if unit not in self.waiters:
+                    self.waiters[unit] = []
+                    self.unsent[unit] = None
+                self.waiters[unit].append(parked)
+
+    def take_unsent(self, batch_size, everything):
+        """Remove and return the units to ask about now: all of them with ``everything``, else as many full batches as there are."""
+        units = list(self.unsent)
+        if not everything:
+            units = units[:len(units) - len(units) % batch_size]
+        for unit in units:
+            del self.unsent[unit]
+        return units
+
+    def answer(self, units, piece_lists):
+        """Store the server's pieces for units asked about alone; return the parked windows that now know all their units."""
+        if len(self.answers) > KNOWN_PIECES_LIMIT:
+            self.answers.clear()
+        ready = []
+        for unit, pieces in zip(units, piece_lists):
+            # A unit cut off even alone is not known whole: what follows its pieces matches nothing.
+            pieces = pieces[1:-1] + ([CUT_OFF] if len(pieces) - 2 >= self.limit else [])
+            self.answers[unit] = pieces
+            for parked in self.waiters.pop(unit, ()):
+                parked.known[unit] = pieces
+                parked.missing -= 1
+                if parked.missing == 0:
+                    ready.append(parked)
+        return ready
+
+
 def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     """Yield one (tokens, hidden) array per input line, in input order, keeping every server's queue full."""
     return iter(ServerRun(lines, pool, how, batch_size, chunk_lines, stats))
@@ -827,7 +963,8 @@ class ServerRun:
     def __init__(self, lines, pool, how, batch_size, chunk_lines, stats):
         self.pool, self.how, self.batch_size, self.stats = pool, how, batch_size, stats
         self.limit = pool.limit
-        self.counter = PieceCounter(pool.lowercase)
+        self.unicode = pool.unicode
+        self.counter = PieceCounter(pool.lowercase, pool.unicode.lacks)
         self.numbered = enumerate(lines, 1)
         self.exhausted = False
         self.chunk_lines = chunk_lines
@@ -835,8 +972,7 @@ class ServerRun:
         self.staged, self.staged_lines = [], []           # windows and lines of the chunk being read
         self.open_lines = collections.deque()             # lines read and not yet handed out, in input order
         self.queue = collections.deque()                  # requests waiting for a server with room
-        self.known_pieces = {}                            # unit -> the server's pieces for it alone
-        self.waiting = []                                 # (window, pieces, rows) waiting for known_pieces
+        self.questions = PieceQuestions(self.limit)
 
     def __iter__(self):
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
@@ -847,10 +983,11 @@ class ServerRun:
                 self.queue.extendleft(reversed(pool.orphans))
                 pool.orphans.clear()
             self.queue_chunk_if_ready()
+            can_read = not self.exhausted and len(self.open_lines) < 2 * self.chunk_lines
+            self.ask_questions(can_read)
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
             yield from self.finished_lines()
-            can_read = not self.exhausted and len(self.open_lines) < 2 * self.chunk_lines
             if not (pool.busy or self.queue or can_read or self.staged):
                 return
             # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
@@ -859,6 +996,24 @@ class ServerRun:
                 self.take_reply(*reply)
             elif can_read:
                 self.read_some()
+
+    def ask_questions(self, can_read):
+        """Queue the questions about units alone, first: in full requests, or all once no other work could add to them.
+
+        Until then a reply or the lines still to read may bring more doubtful units, to
+        share the requests; the lines waiting for answers hold the reading back, so the
+        run soon comes to that point.
+        """
+        if not self.questions.unsent:
+            return
+        embedding = can_read or any(r.kind == "embed" for r in itertools.chain(
+            self.queue, *(server.in_flight.values() for server in self.pool.servers)))
+        units = self.questions.take_unsent(self.batch_size, everything=not embedding)
+        if units:
+            sizes = dict(zip(units, self.counter.look_up(units)[1]))
+            units.sort(key=sizes.__getitem__)
+            self.queue.extendleft(reversed([Request("pieces", (), units[i:i + self.batch_size])
+                                            for i in range(0, len(units), self.batch_size)]))
 
     def finished_lines(self):
         """Hand out the rows of the lines at the front that are done."""
@@ -885,7 +1040,7 @@ class ServerRun:
                     and len(self.staged_lines) >= FIRST_CHUNK_LINES)
         if self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving):
             self.staged.sort(key=lambda w: w.size)
-            self.queue.extend(embed_requests(self.staged, self.batch_size))
+            self.queue.extend(embed_requests(self.staged, self.batch_size, self.pool.padded_length))
             self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
 
     def take_reply(self, server, request, embedding, tokens):
@@ -893,14 +1048,8 @@ class ServerRun:
         check_reply(server, request, embedding, tokens, self.pool.hidden)
         parts, touched = [], []
         if request.kind == "pieces":
-            if len(self.known_pieces) > KNOWN_PIECES_LIMIT:
-                self.known_pieces.clear()   # a window still waiting asks again
-            for unit, pieces in zip(request.texts, tokens):
-                # A unit cut off even alone is not known whole: what follows its pieces matches nothing.
-                self.known_pieces[unit] = pieces[1:-1] + ([CUT_OFF] if len(pieces) - 2 >= self.limit else [])
-            parked, self.waiting = self.waiting, []
-            for window, pieces, rows in parked:
-                self.place(window, pieces, rows, parts, touched)
+            for parked in self.questions.answer(request.texts, tokens):
+                self.place(parked.window, parked.pieces, parked.rows, parts, touched, parked.known_pieces())
         else:
             flat = embedding.reshape(-1, embedding.shape[2])
             for i, (window, pieces) in enumerate(zip(request.windows, tokens)):
@@ -908,33 +1057,32 @@ class ServerRun:
         merge_parts(parts, self.how)
         for sentence in touched:
             if sentence.in_flight == 0 and not sentence.done:
-                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.limit), self.batch_size)))
+                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.limit), self.batch_size,
+                                                             self.pool.padded_length)))
 
     def ran_short(self, counts, units, pieces):
         """True if the pieces ran out before the units although the server did not fill the window: no truncation."""
         return len(counts) < len(units) and len(pieces) < self.limit
 
-    def place(self, window, pieces, rows, parts, touched):
+    def place(self, window, pieces, rows, parts, touched, known=None):
         """Align one window's pieces to its units and add the rows to keep to ``parts``, or park the window.
 
-        ``rows`` is (a (rows, D) array, the row of the window's first piece in it). A
-        window that does not align, or whose alignment may be fooled, waits for the
-        server's pieces of each of its units alone.
+        ``rows`` is (a (rows, D) array, the row of the window's first piece in it);
+        ``known``, the server's pieces of each unit alone, where it was asked. A window
+        that does not align, or whose alignment may be fooled, waits for those answers.
         """
         units = window.units
         basic = window.sentence.basic[window.start:window.end]
         counts = align(basic, pieces)
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
         # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
-        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(unicode_may_differ, units))
+        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(self.unicode.doubtful, units))
         if counts is None or unsure or self.ran_short(counts, units, pieces):
-            known = [self.known_pieces.get(unit) for unit in units]
+            window.sentence.resynced = True
+            known = known or self.questions.known(units)
             if any(k is None for k in known):
-                need = list(dict.fromkeys(u for u, k in zip(units, known) if k is None))
                 source, base = rows
-                self.waiting.append((window, pieces, (np.array(source[base:base + len(pieces)]), 0)))
-                self.queue.appendleft(Request("pieces", (), need))
-                window.sentence.resynced = True
+                self.questions.park(window, pieces, (np.array(source[base:base + len(pieces)]), 0), known)
                 return
             counts = counts_from_known_pieces(known, pieces)
             if counts is None or self.ran_short(counts, units, pieces):

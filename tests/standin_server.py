@@ -35,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ VOCAB_UNCASED = str(Path(__file__).resolve().parent / "data" / "vocab-uncased.tx
 
 MAX_POSITION_EMBEDDINGS = 512
 MAX_BATCH_SIZE = 256  # the real ventilator splits larger requests into slices of this size
+PYTHON_37 = "3.7.16 (default, May  9 2026, 07:31:42) \n[GCC 12.2.0]"   # sys.version as a real server reports it
 CONFIG_REPLY_DELAY_S = 0.1  # the real sink's "dirty fix of slow-joiner"
 PAIR_RE = re.compile(r"^(.*) \|\|\| (.*)$")  # the exact pattern of extract_features.read_examples
 CLS, SEP, UNK = "[CLS]", "[SEP]", "[UNK]"
@@ -96,14 +98,28 @@ def make_cased_vocab(directory) -> str:
     return str(path)
 
 
+@lru_cache(maxsize=None)
+def _unicode_age(char: str) -> tuple[int, int]:
+    """The Unicode version that added the character; (99, 0) if none has yet."""
+    import unicode_age
+    try:
+        return unicode_age.version(ord(char))
+    except ValueError:   # unassigned
+        return (99, 0)
+
+
 class BertWordPiece:
     """BERT's FullTokenizer (BasicTokenizer + WordPiece) built on HF tokenizers, with no special tokens."""
 
-    def __init__(self, vocab: dict[str, int], do_lower_case: bool, cache_words: bool = False):
+    def __init__(self, vocab: dict[str, int], do_lower_case: bool, cache_words: bool = False,
+                 unicode_version: tuple[int, int] | None = None):
         from tokenizers import Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import WordPiece
 
         self.do_lower_case = do_lower_case
+        # A real server's Python has the Unicode tables of its version: BERT's cleaning deletes
+        # every character they lack (category Cn is C*). None: the tables of HF tokenizers.
+        self.unicode_version = unicode_version
         # word -> pieces, or None: BERT tokenizes each whitespace-separated word of the cleaned,
         # lower-cased text on its own, so a word's pieces can be remembered (the benchmark's
         # simulated GPU server keeps its own CPU time low this way).
@@ -121,7 +137,7 @@ class BertWordPiece:
     def pieces(self, texts: list[str]) -> list[list[str]]:
         """Return the word pieces of each text, without [CLS]/[SEP]."""
         # Cleaning leaves printable ASCII as it is, and most text is that: no call for it.
-        texts = [t if t.isascii() and t.isprintable() else self._clean.normalize_str(t) for t in texts]
+        texts = [t if t.isascii() and t.isprintable() else self._clean.normalize_str(self._known_only(t)) for t in texts]
         if self.do_lower_case:
             # Python's str.lower(), not Rust's char-wise lowercase: only it applies the final-sigma
             # rule ("ΟΣ" -> "ος") that the real server's tokenization.py gets from Python.
@@ -133,6 +149,12 @@ class BertWordPiece:
         new = list(set().union(*words).difference(known))
         known.update(zip(new, self._encode(new)))
         return [list(itertools.chain.from_iterable(map(known.__getitem__, ws))) for ws in words]
+
+    def _known_only(self, text: str) -> str:
+        """The text without the characters newer than ``unicode_version``."""
+        if self.unicode_version is None:
+            return text
+        return "".join(c for c in text if c.isascii() or _unicode_age(c) <= self.unicode_version)
 
     def _encode(self, texts: list[str]) -> list[list[str]]:
         """The pieces of cleaned (and lower-cased) texts."""
@@ -152,11 +174,12 @@ class FeatureBuilder:
     """Turn a batch of strings (or pre-tokenized lists) into BERT features like extract_features.py."""
 
     def __init__(self, vocab: dict[str, int], do_lower_case: bool, max_seq_len: int | None,
-                 max_position_embeddings: int = MAX_POSITION_EMBEDDINGS, cache_words: bool = False):
+                 max_position_embeddings: int = MAX_POSITION_EMBEDDINGS, cache_words: bool = False,
+                 unicode_version: tuple[int, int] | None = None):
         self.vocab = vocab
         self.max_seq_len = max_seq_len
         self.max_position_embeddings = max_position_embeddings
-        self._wordpiece = BertWordPiece(vocab, do_lower_case, cache_words)
+        self._wordpiece = BertWordPiece(vocab, do_lower_case, cache_words, unicode_version)
 
 
     def mark_unk(self, tokens: list[str]) -> list[str]:
@@ -351,7 +374,8 @@ class StandinServer:
                  pooling_layer=(-2,), model=None, simulate_gpu=None, die_after=None, delay=0.0,
                  drop_reply=None, wrong_shape_on=None, tokens_mismatch_on=None,
                  config_overrides=None, seed=0, port=None, port_out=None, host="127.0.0.1",
-                 max_batch_size=MAX_BATCH_SIZE):
+                 max_batch_size=MAX_BATCH_SIZE,
+                 python_version=PYTHON_37, unicode_version=(11, 0)):
         if max_seq_len is not None and max_seq_len <= 3:
             raise ValueError('"max_seq_len" must be > 3 (as bert-serving-start checks)')
         if model is not None and simulate_gpu is not None:
@@ -361,6 +385,7 @@ class StandinServer:
         self.pooling_strategy = int(pooling_strategy)
         self.show_tokens_to_client = show_tokens_to_client
         self.server_version = server_version
+        self.python_version = python_version   # what SHOW_CONFIG reports; unicode_version, the tables it implies
         self.pooling_layer = list(pooling_layer)
         self.model = str(model) if model is not None else None
         self.simulate_gpu = dict(simulate_gpu) if simulate_gpu else None
@@ -382,7 +407,7 @@ class StandinServer:
             max_positions = MAX_POSITION_EMBEDDINGS
         self.hidden = self._rows.hidden
         self._features = FeatureBuilder(self._rows.vocab, do_lower_case, max_seq_len, max_positions,
-                                        cache_words=bool(self.simulate_gpu))
+                                        cache_words=bool(self.simulate_gpu), unicode_version=unicode_version)
 
         self._lock = threading.Lock()
         self._stats = dict(requests=0, sentences=0, padded_positions=0, useful_positions=0,
@@ -492,7 +517,7 @@ class StandinServer:
         }
         static = {
             "tensorflow_version": ["1", "15", "5"],   # what pip installs for tensorflow==1.15.5
-            "python_version": "3.7.16 (default, May  9 2026, 07:31:42) \n[GCC 12.2.0]",
+            "python_version": self.python_version,
             "server_version": self.server_version,
             "pyzmq_version": zmq.pyzmq_version(),
             "zmq_version": zmq.zmq_version(),
