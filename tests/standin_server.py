@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -98,6 +99,11 @@ def make_cased_vocab(directory) -> str:
     return str(path)
 
 
+# The characters whose general category in Unicode 11 (a Python 3.7 server) is not this Python's
+# (Unicode 14 or 15), found by comparing Python 3.7's unicodedata with 3.11's: their Unicode 11 category.
+CATEGORY_IN_UNICODE_11 = {"\u166d": "Po", "\u1734": "Mn", "\u1cf2": "Mc", "\u1cf3": "Mc", "\ua9bd": "Mc"}
+
+
 @lru_cache(maxsize=None)
 def _unicode_age(char: str) -> tuple[int, int]:
     """The Unicode version that added the character; (99, 0) if none has yet."""
@@ -151,10 +157,21 @@ class BertWordPiece:
         return [list(itertools.chain.from_iterable(map(known.__getitem__, ws))) for ws in words]
 
     def _known_only(self, text: str) -> str:
-        """The text without the characters newer than ``unicode_version``."""
+        """The text without the characters newer than ``unicode_version``, nor those Python's BERT deletes.
+
+        HF tokenizers' own tables are older than Unicode 11 for some characters: it keeps
+        (as [UNK]) format characters such as U+08E2 and, when stripping accents, marks such
+        as U+07FD, which a real server's Python deletes (found against the real server).
+        """
         if self.unicode_version is None:
             return text
-        return "".join(c for c in text if c.isascii() or _unicode_age(c) <= self.unicode_version)
+        return "".join(c for c in text if c.isascii() or (_unicode_age(c) <= self.unicode_version
+                                                           and not self._python_deletes(c)))
+
+    def _python_deletes(self, char: str) -> bool:
+        """True if Google's BasicTokenizer on Python 3.7 drops the character: category C*, or Mn when lowercasing."""
+        category = CATEGORY_IN_UNICODE_11.get(char) or unicodedata.category(char)
+        return category.startswith("C") or (self.do_lower_case and category == "Mn")
 
     def _encode(self, texts: list[str]) -> list[list[str]]:
         """The pieces of cleaned (and lower-cased) texts."""

@@ -641,3 +641,19 @@ def test_script_mode_serves_until_sigterm():
     assert proc.returncode == 0
     stats = json.loads(stderr.strip().splitlines()[-1])
     assert stats["requests"] == 1 and stats["replies"] == 1 and stats["useful_positions"] == 12
+
+
+@pytest.mark.parametrize("do_lower_case", [True, False], ids=["uncased", "cased"])
+def test_characters_python_3_7_deletes_are_deleted_where_hf_tokenizers_keeps_them(do_lower_case):
+    """Found against the real server (every character sent alone): HF tokenizers' tables are older here.
+
+    U+08E2 and U+110CD are format characters (Cf, deleted as C*); U+07FD and U+1DF6 are
+    marks (Mn, stripped with the accents when lowercasing); U+A9BD was a spacing mark (Mc)
+    in Unicode 11 and is kept, though it is Mn now.
+    """
+    srv = StandinServer(do_lower_case=do_lower_case, max_seq_len=None, hidden=1)
+    kept_when_cased = ["[UNK]"] if not do_lower_case else []
+    assert srv.tokenize("a\u08e2")[1:-1] == ["a"]
+    assert srv.tokenize("\U000110cd x")[1:-1] == ["x"]
+    assert srv.tokenize("\u07fd x \u1df6")[1:-1] == kept_when_cased + ["x"] + kept_when_cased
+    assert srv.tokenize("\ua9bd")[1:-1] == ["[UNK]"]
