@@ -48,6 +48,7 @@ FIRST_CHUNK_LINES = 512
 READ_STEP = 128           # lines read between looks for replies
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
 KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
+CONTEXT_SHARE = 0.25      # of a window's pieces, at most, given to left context from the window before
 SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a sentence pair
 # The Unicode version of each Python's unicodedata: a server's sys.version tells its tables.
 PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 1), (3, 9): (13, 0),
@@ -277,9 +278,6 @@ def align(expected, pieces):
     return counts if p == n else None
 
 
-CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
-
-
 def counts_from_known_pieces(known, pieces):
     """Piece counts of the leading units, when each unit's own pieces are known; None if they do not add up to ``pieces``."""
     counts = []
@@ -293,11 +291,6 @@ def counts_from_known_pieces(known, pieces):
         counts.append(n)
         p += n
     return counts if p == len(pieces) else None
-
-
-# ---------------------------------------------------------------- windows for long sentences
-
-RETRY_ALONE, RETRY_SPLIT = 1, 2
 
 
 class PieceCounter:
@@ -334,6 +327,24 @@ class PieceCounter:
             self.pieces.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
 
 
+# ---------------------------------------------------------------- windows for long sentences
+
+PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
+
+
+class Unit:
+    """What the windows of a long sentence are made of: a token, or one basic token of a token too long for any window."""
+
+    __slots__ = ("text", "basic", "estimate", "owner", "pieces", "state", "rows")
+
+    def __init__(self, text, basic, estimate, owner):
+        self.text, self.basic, self.estimate = text, basic, estimate   # its text, basic tokens and expected pieces
+        self.owner = owner      # the index of the token it belongs to
+        self.pieces = None      # its piece count, once a window covered it
+        self.state = PENDING
+        self.rows = None        # its pieces' rows, once DONE
+
+
 class Window(collections.namedtuple("Window", "sentence start own end size")):
     """Units [start, end) of a sentence, sent as one text, of about ``size`` pieces; rows are kept for units from ``own`` on (the rest is context)."""
 
@@ -342,123 +353,155 @@ class Window(collections.namedtuple("Window", "sentence start own end size")):
     @property
     def units(self):
         """The texts of the window's units."""
-        return self.sentence.units[self.start:self.end]
+        return self.sentence.texts(self.start, self.end)
+
+    @property
+    def basic(self):
+        """The basic tokens of the window's units."""
+        return self.sentence.basics(self.start, self.end)
 
 
 class Sentence:
     """One input line on its way to token rows.
 
-    Its units are what windows are made of: the tokens, or, for a token too long for any
-    window, that token's basic tokens. Each unit gets one merged row and a piece count.
+    Most lines fit one window: their tokens go out as one text, and the reply's rows,
+    merged, are the line's ``block`` of rows. A line that needs more windows (too long,
+    or cut off by the server) gets ``units``, one record per token, or per basic token of
+    a token too long for any window; each unit gets its pieces' rows from some window,
+    and the line's rows are merged from them at the end.
     """
 
     def __init__(self, number, tokens, counter):
         self.number = number
-        self.counter = counter
         self.tokens = tokens
-        self.units = list(tokens)
-        self.basic, self.estimate = counter.look_up(tokens)   # each unit's basic tokens and piece count
-        self.owner = list(range(len(tokens)))
-        self.known = [None] * len(tokens)                # pieces a unit has, once a window covered it
-        self.rows = [None] * len(tokens)
-        self.counts = [0] * len(tokens)
-        self.covered = [False] * len(tokens)
-        self.retries = [0] * len(tokens)                 # 0, RETRY_ALONE or RETRY_SPLIT
-        self.seen_pieces = self.seen_estimate = 0        # over covered units, to scale the estimates
-        self.truncated_units = 0
+        self.counter = counter
+        self.basic, self.estimate = counter.look_up(tokens)   # each token's basic tokens and expected piece count
+        self.units = None                                     # a long line's Unit records
+        self.block = None                                     # the line's rows, from one window
+        self.counts = None                                    # each token's piece count, with the block
+        self.in_flight = self.windows = self.truncated_units = 0
+        self.seen = [0, 0]                                    # pieces, and their estimate, of the units covered so far
         self.resynced = False
-        self.block = None                                # all rows at once, when one window held the sentence
-        self.in_flight = 0
-        self.windows = 0
 
     @property
     def done(self):
-        """True once every unit has its row and no window is in flight."""
-        return self.in_flight == 0 and all(self.covered)
+        """True once every token has its row (or its units theirs) and no window is in flight."""
+        if self.in_flight:
+            return False
+        return self.block is not None or not self.tokens or (
+            self.units is not None and all(unit.state == DONE for unit in self.units))
 
-    def empty_tokens(self):
-        """How many tokens got no piece at all."""
-        if len(self.units) == len(self.tokens):
-            return self.counts.count(0)
-        pieces = np.bincount(self.owner, weights=self.counts, minlength=len(self.tokens))
-        return int((pieces == 0).sum())
+    def texts(self, start, end):
+        """The texts of units [start, end) (the tokens, before the line has units)."""
+        return self.tokens[start:end] if self.units is None else [u.text for u in self.units[start:end]]
 
-    def pieces_of(self, i):
-        """The unit's piece count if known, else its lower bound scaled by the pieces per basic token seen so far."""
-        if self.known[i] is not None:
-            return self.known[i]
-        return max(self.estimate[i], self.estimate[i] * self.seen_pieces // max(self.seen_estimate, 1))
+    def basics(self, start, end):
+        """The basic tokens of units [start, end)."""
+        return self.basic[start:end] if self.units is None else [u.basic for u in self.units[start:end]]
 
-    def split_unit(self, i, parts):
-        """Replace unit i by several units, all owned by the same token."""
-        n = len(parts)
-        self.units[i:i + 1] = parts
-        self.basic[i:i + 1], self.estimate[i:i + 1] = self.counter.look_up(parts)
-        self.owner[i:i + 1] = [self.owner[i]] * n
-        self.known[i:i + 1] = [None] * n
-        self.rows[i:i + 1] = [None] * n
-        self.counts[i:i + 1] = [0] * n
-        self.covered[i:i + 1] = [False] * n
-        self.retries[i:i + 1] = [0] * n
+    def make_units(self):
+        """Give the line one unit per token: it needs more than one window."""
+        self.units = [Unit(*fields, owner) for owner, fields in enumerate(zip(self.tokens, self.basic, self.estimate))]
 
-    def accept(self, window, counts, n_pieces):
+    def split_unit(self, i):
+        """Replace unit i by one unit per basic token, all owned by the same token."""
+        unit = self.units[i]
+        parts = list(unit.basic)
+        basic, estimate = self.counter.look_up(parts)
+        self.units[i:i + 1] = [Unit(*fields, unit.owner) for fields in zip(parts, basic, estimate)]
+
+    def pieces_of(self, unit):
+        """The unit's piece count if known, else its estimate scaled by the pieces per estimated piece seen so far."""
+        if unit.pieces is not None:
+            return unit.pieces
+        return max(unit.estimate, unit.estimate * self.seen[0] // max(self.seen[1], 1))
+
+    def accept(self, window, counts, n_pieces, resynced=False):
         """Mark the units a window's reply covered; return (first unit, piece offset, piece counts) of the rows to keep.
 
-        ``counts`` are the piece counts of the window's leading units that came back whole;
+        ``counts`` are the piece counts of the window's leading units that came back whole
+        (``resynced``: placed by the server's pieces of each unit alone);
         the kept units are the whole ones after the context. When none came back whole,
         the first is retried without context; if it failed alone it is split into its
         basic tokens at the next plan, or, when it cannot be split, kept with the pieces
         that fit. Returns None when nothing is kept.
         """
         self.in_flight -= 1
+        self.resynced |= resynced
         context = window.own - window.start
         kept = counts[context:]
+        if self.units is None:
+            if len(kept) == len(self.tokens):   # the whole line in one window
+                self.counter.learn(self.tokens, kept, self.estimate)
+                return 0, 0, kept
+            self.make_units()
         if kept:
-            i, j = window.own, window.own + len(kept)
-            self.known[i:j] = kept
-            self.covered[i:j] = [True] * len(kept)
-            self.counter.learn(self.units[i:j], kept, self.estimate[i:j])
-            self.seen_pieces += sum(kept)
-            self.seen_estimate += sum(self.estimate[i:j])
+            covered = self.units[window.own:window.own + len(kept)]
+            for unit, count in zip(covered, kept):
+                unit.pieces, unit.state = count, DONE
+            estimates = [unit.estimate for unit in covered]
+            self.counter.learn([unit.text for unit in covered], kept, estimates)
+            self.seen[0] += sum(kept)
+            self.seen[1] += sum(estimates)
             return window.own, sum(counts[:context]), kept
-        stuck = window.own
-        if window.start < stuck:
-            self.retries[stuck] = RETRY_ALONE
-        elif len(self.basic[stuck]) > 1:
-            self.retries[stuck] = RETRY_SPLIT
+        stuck = self.units[window.own]
+        if window.start < window.own:
+            stuck.state = RETRY_ALONE
+        elif len(stuck.basic) > 1:
+            stuck.state = RETRY_SPLIT
         else:
-            self.covered[stuck] = True
+            stuck.pieces, stuck.state = n_pieces, DONE
             self.truncated_units += 1
-            return stuck, 0, [n_pieces]
+            return window.own, 0, [n_pieces]
         return None
 
+    def token_counts(self):
+        """Each token's piece count, once done."""
+        if self.units is None:
+            return np.asarray(self.counts or [], dtype=np.int64)
+        pieces = np.bincount([u.owner for u in self.units], weights=[u.pieces for u in self.units],
+                             minlength=len(self.tokens))
+        return pieces.astype(np.int64)
+
+    def store(self, first, counts, rows):
+        """Keep the rows of a window's kept units: the line's merged rows (the whole line), or each unit's pieces' rows."""
+        if self.units is None:
+            self.block, self.counts = rows, counts
+            return
+        offset = 0
+        for unit, count in zip(self.units[first:first + len(counts)], counts):
+            unit.rows = rows[offset:offset + count]
+            offset += count
+
     def plan(self, limit):
-        """Windows that cover the uncovered units, each within ``limit`` pieces by estimate, with left context."""
+        """Windows that cover the units without rows, each within ``limit`` pieces by estimate, with left context."""
+        if self.units is None:
+            size = sum(self.estimate)
+            if not self.tokens:
+                return []
+            if not self.windows and size <= limit:   # most lines: one window, no context
+                self.windows = self.in_flight = 1
+                return [Window(self, 0, 0, len(self.tokens), size)]
+            self.make_units()
         for i in reversed(range(len(self.units))):
-            if self.retries[i] == RETRY_SPLIT:
-                self.split_unit(i, list(self.basic[i]))
-        n = len(self.units)
-        size = sum(self.estimate)
-        if n and not self.windows and size <= limit:   # most sentences: one window, no context
-            windows = [Window(self, 0, 0, n, size)]
-            self.windows = self.in_flight = 1
-            return windows
-        windows = []
-        own = 0
-        while own < n:
-            if self.covered[own]:
+            if self.units[i].state == RETRY_SPLIT:
+                self.split_unit(i)
+        units, windows, own = self.units, [], 0
+        while own < len(units):
+            if units[own].state == DONE:
                 own += 1
                 continue
             start = own
-            if self.retries[own] == 0:
-                budget = limit // 4
-                while start > 0 and self.pieces_of(start - 1) <= budget:
-                    budget -= self.pieces_of(start - 1)
+            if units[own].state == PENDING:
+                budget = int(limit * CONTEXT_SHARE)
+                while start > 0 and self.pieces_of(units[start - 1]) <= budget:
+                    budget -= self.pieces_of(units[start - 1])
                     start -= 1
-            used = sum(self.pieces_of(i) for i in range(start, own))
+            used = sum(self.pieces_of(unit) for unit in units[start:own])
             end = own
-            while end < n and not self.covered[end] and (end == own or used + self.pieces_of(end) <= limit):
-                used += self.pieces_of(end)
+            while end < len(units) and units[end].state != DONE and (
+                    end == own or used + self.pieces_of(units[end]) <= limit):
+                used += self.pieces_of(units[end])
                 end += 1
             windows.append(Window(self, start, own, end, used))
             own = end
@@ -509,49 +552,58 @@ def merge_segments(rows, counts, how, index=None):
 
 
 def token_rows(sentence, how, hidden):
-    """A finished sentence's rows, one per token: unit rows, with the units of a split token merged again."""
+    """A finished line's rows, one per token: its block, or each token's pieces over all its units, merged."""
     if sentence.block is not None:
         return sentence.block
-    n = len(sentence.tokens)
-    zero = np.zeros(hidden, dtype=np.float32)
-    rows = np.stack([zero if r is None else r for r in sentence.rows]) if sentence.units else np.zeros((0, hidden), np.float32)
-    if len(sentence.units) == n:
-        return rows
-    counts = np.asarray(sentence.counts, dtype=np.int64)
-    owner = np.asarray(sentence.owner)
-    filled = counts > 0
-    units_per_token = np.bincount(owner[filled], minlength=n)
-    if how == "mean":
-        pieces = np.bincount(owner, weights=counts, minlength=n)
-        summed = merge_segments(rows[filled] * counts[filled, None], units_per_token, "sum")
-        return (summed / np.maximum(pieces, 1)[:, None]).astype(np.float32)
-    return merge_segments(rows[filled], units_per_token, how)
+    if not sentence.tokens:
+        return np.zeros((0, hidden), dtype=np.float32)
+    return merge_segments(np.concatenate([u.rows for u in sentence.units]), sentence.token_counts(), how)
 
 
 def merge_parts(parts, how):
-    """Merge the kept pieces of the windows of one reply with one numpy reduction per source array, and store the rows.
+    """Store the kept rows of one reply's windows: one gather and merge per source array for whole lines, a copy of the pieces' rows for long ones.
 
     ``parts`` holds, per window, where its pieces' rows are (a (rows, D) array and the
     row of its first piece) and what ``Sentence.accept`` kept: (first unit, piece
     offset, piece counts).
     """
     by_source = {}
-    for window, (source, base), kept in parts:
-        by_source.setdefault(id(source), (source, []))[1].append((window, base, kept))
+    for window, (source, base), (first, offset, counts) in parts:
+        start = base + offset
+        if window.sentence.units is not None:   # a long line keeps its pieces' rows, to merge at the end
+            window.sentence.store(first, counts, np.array(source[start:start + sum(counts)]))
+        else:
+            by_source.setdefault(id(source), (source, []))[1].append((window.sentence, start, counts))
     for source, members in by_source.values():
-        index = np.concatenate([np.arange(base + offset, base + offset + sum(counts))
-                                for _, base, (_, offset, counts) in members])
-        merged = merge_segments(source, [c for _, _, (_, _, counts) in members for c in counts], how, index)
+        index = np.concatenate([np.arange(start, start + sum(counts)) for _, start, counts in members])
+        merged = merge_segments(source, [c for _, _, counts in members for c in counts], how, index)
         k = 0
-        for window, _, (first, _, counts) in members:
-            sentence, n = window.sentence, len(counts)
-            if n == len(sentence.units):   # the whole sentence in one window: its rows as one block
-                sentence.block = merged[k:k + n]
-                sentence.counts = counts
-            else:
-                sentence.rows[first:first + n] = list(merged[k:k + n])
-                sentence.counts[first:first + n] = counts
-            k += n
+        for sentence, _, counts in members:
+            sentence.store(0, counts, merged[k:k + len(counts)])
+            k += len(counts)
+
+
+# ---------------------------------------------------------------- batch windows of similar length (both modes)
+
+def batch_bounds(sizes, batch_size):
+    """Cut items of these sizes, in order, into batches: (first, end) index pairs.
+
+    A batch holds at most ``batch_size`` items and ends early where padding every item
+    to the batch's longest would cost more than PADDING_LIMIT times the items' sizes;
+    items sorted by size then make few, full batches.
+    """
+    bounds, first, useful, longest = [], 0, 0, 0
+    for i, size in enumerate(sizes):
+        if i > first and (i - first == batch_size
+                          or (i - first + 1) * max(longest, size) > PADDING_LIMIT * (useful + size)):
+            bounds.append((first, i))
+            first, useful, longest = i, 0, 0
+        useful += size
+        longest = max(longest, size)
+    if len(sizes) > first:
+        bounds.append((first, len(sizes)))
+    return bounds
+
 
 
 # ---------------------------------------------------------------- talk to bert-serving-servers
@@ -696,26 +748,6 @@ class Request(collections.namedtuple("Request", "kind windows texts")):
     """A batch sent as one encode call: windows to embed ("embed"), or units asked about one by one ("pieces")."""
 
     __slots__ = ()
-
-
-def batch_bounds(sizes, batch_size):
-    """Cut items of these sizes, in order, into batches: (first, end) index pairs.
-
-    A batch holds at most ``batch_size`` items and ends early where padding every item
-    to the batch's longest would cost more than PADDING_LIMIT times the items' sizes;
-    items sorted by size then make few, full batches.
-    """
-    bounds, first, useful, longest = [], 0, 0, 0
-    for i, size in enumerate(sizes):
-        if i > first and (i - first == batch_size
-                          or (i - first + 1) * max(longest, size) > PADDING_LIMIT * (useful + size)):
-            bounds.append((first, i))
-            first, useful, longest = i, 0, 0
-        useful += size
-        longest = max(longest, size)
-    if len(sizes) > first:
-        bounds.append((first, len(sizes)))
-    return bounds
 
 
 def embed_requests(windows, batch_size, padded_length=None):
@@ -876,6 +908,10 @@ def check_reply(server, request, embedding, tokens, hidden):
                        f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
 
 
+CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
+WAITING = object()   # what ServerRun.place returns for a window that waits for the server's pieces of its units alone
+
+
 class Parked:
     """A window whose pieces wait for the server's pieces of some of its units alone."""
 
@@ -950,6 +986,37 @@ def embed_via_servers(lines, pool, how, batch_size, chunk_lines, stats):
     return iter(ServerRun(lines, pool, how, batch_size, chunk_lines, stats))
 
 
+class ChunkReader:
+    """Input lines read a few at a time into chunks, whose windows go out sorted by length once a chunk is complete."""
+
+    def __init__(self, lines, counter, limit, chunk_lines):
+        self.numbered = enumerate(lines, 1)
+        self.counter, self.limit = counter, limit
+        self.exhausted = False
+        self.chunk_lines = chunk_lines
+        self.chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones sort with learnt counts
+        self.staged, self.staged_lines = [], []           # windows and lines of the chunk being read
+
+    def read_some(self):
+        """Read up to READ_STEP lines and stage their windows; return their sentences."""
+        sentences = [Sentence(number, line.split(), self.counter)
+                     for number, line in itertools.islice(self.numbered, READ_STEP)]
+        for sentence in sentences:
+            self.staged.extend(sentence.plan(self.limit))
+        self.staged_lines.extend(sentences)
+        self.exhausted = len(sentences) < READ_STEP
+        return sentences
+
+    def take_chunk(self, idle):
+        """The staged windows in order of length, once the chunk is complete (or, with servers ``idle``, big enough); else []."""
+        starving = idle and self.chunk == self.chunk_lines and len(self.staged_lines) >= FIRST_CHUNK_LINES
+        if not (self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving)):
+            return []
+        windows = sorted(self.staged, key=lambda w: w.size)
+        self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
+        return windows
+
+
 class ServerRun:
     """The work of one server-mode run: lines read, windows queued and in flight, rows merged, lines handed out.
 
@@ -962,40 +1029,35 @@ class ServerRun:
 
     def __init__(self, lines, pool, how, batch_size, chunk_lines, stats):
         self.pool, self.how, self.batch_size, self.stats = pool, how, batch_size, stats
-        self.limit = pool.limit
-        self.unicode = pool.unicode
         self.counter = PieceCounter(pool.lowercase, pool.unicode.lacks)
-        self.numbered = enumerate(lines, 1)
-        self.exhausted = False
-        self.chunk_lines = chunk_lines
-        self.chunk = min(chunk_lines, FIRST_CHUNK_LINES)   # a small first chunk: later ones sort with learnt counts
-        self.staged, self.staged_lines = [], []           # windows and lines of the chunk being read
+        self.reader = ChunkReader(lines, self.counter, pool.limit, chunk_lines)
         self.open_lines = collections.deque()             # lines read and not yet handed out, in input order
         self.queue = collections.deque()                  # requests waiting for a server with room
-        self.questions = PieceQuestions(self.limit)
+        self.questions = PieceQuestions(pool.limit)
 
     def __iter__(self):
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
-        pool = self.pool
+        pool, reader = self.pool, self.reader
         while True:
             if pool.orphans:
                 self.stats.resent += len(pool.orphans)
                 self.queue.extendleft(reversed(pool.orphans))
                 pool.orphans.clear()
-            self.queue_chunk_if_ready()
-            can_read = not self.exhausted and len(self.open_lines) < 2 * self.chunk_lines
+            self.queue.extend(embed_requests(reader.take_chunk(idle=not (self.queue or pool.busy)),
+                                             self.batch_size, pool.padded_length))
+            can_read = not reader.exhausted and len(self.open_lines) < 2 * reader.chunk_lines
             self.ask_questions(can_read)
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
             yield from self.finished_lines()
-            if not (pool.busy or self.queue or can_read or self.staged):
+            if not (pool.busy or self.queue or can_read or reader.staged):
                 return
             # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
             reply = pool.receive(wait=not can_read) if pool.busy else None
             if reply is not None:
                 self.take_reply(*reply)
             elif can_read:
-                self.read_some()
+                self.open_lines.extend(reader.read_some())
 
     def ask_questions(self, can_read):
         """Queue the questions about units alone, first: in full requests, or all once no other work could add to them.
@@ -1019,79 +1081,61 @@ class ServerRun:
         """Hand out the rows of the lines at the front that are done."""
         while self.open_lines and self.open_lines[0].done:
             sentence = self.open_lines.popleft()
-            self.stats.add(len(sentence.tokens), sentence.empty_tokens(), sentence.windows,
+            self.stats.add(len(sentence.tokens), int((sentence.token_counts() == 0).sum()), sentence.windows,
                            sentence.resynced, sentence.truncated_units)
             yield token_rows(sentence, self.how, self.pool.hidden)
-
-    def read_some(self):
-        """Read a few lines and plan their windows into the chunk being read."""
-        read = 0
-        for number, line in itertools.islice(self.numbered, READ_STEP):
-            read += 1
-            sentence = Sentence(number, line.split(), self.counter)
-            self.open_lines.append(sentence)
-            self.staged_lines.append(sentence)
-            self.staged.extend(sentence.plan(self.limit))
-        self.exhausted = read < READ_STEP
-
-    def queue_chunk_if_ready(self):
-        """Queue the chunk being read, in order of length, once it is complete (or a server would idle)."""
-        starving = (self.chunk == self.chunk_lines and not self.queue and not self.pool.busy
-                    and len(self.staged_lines) >= FIRST_CHUNK_LINES)
-        if self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving):
-            self.staged.sort(key=lambda w: w.size)
-            self.queue.extend(embed_requests(self.staged, self.batch_size, self.pool.padded_length))
-            self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
 
     def take_reply(self, server, request, embedding, tokens):
         """Check a reply, place its pieces on the tokens, merge the rows and plan what the sentences still need."""
         check_reply(server, request, embedding, tokens, self.pool.hidden)
-        parts, touched = [], []
         if request.kind == "pieces":
-            for parked in self.questions.answer(request.texts, tokens):
-                self.place(parked.window, parked.pieces, parked.rows, parts, touched, parked.known_pieces())
+            placements = [(p.window, p.pieces, p.rows, p.known_pieces())
+                          for p in self.questions.answer(request.texts, tokens)]
         else:
             flat = embedding.reshape(-1, embedding.shape[2])
-            for i, (window, pieces) in enumerate(zip(request.windows, tokens)):
-                self.place(window, pieces[1:-1], (flat, i * embedding.shape[1] + 1), parts, touched)
+            placements = [(window, pieces[1:-1], (flat, i * embedding.shape[1] + 1), None)
+                          for i, (window, pieces) in enumerate(zip(request.windows, tokens))]
+        parts, touched = [], []
+        for window, pieces, rows, known in placements:
+            kept = self.place(window, pieces, rows, known)
+            if kept is not WAITING:
+                touched.append(window.sentence)
+                if kept:
+                    parts.append((window, rows, kept))
         merge_parts(parts, self.how)
         for sentence in touched:
             if sentence.in_flight == 0 and not sentence.done:
-                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.limit), self.batch_size,
+                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.pool.limit), self.batch_size,
                                                              self.pool.padded_length)))
 
     def ran_short(self, counts, units, pieces):
         """True if the pieces ran out before the units although the server did not fill the window: no truncation."""
-        return len(counts) < len(units) and len(pieces) < self.limit
+        return len(counts) < len(units) and len(pieces) < self.pool.limit
 
-    def place(self, window, pieces, rows, parts, touched, known=None):
-        """Align one window's pieces to its units and add the rows to keep to ``parts``, or park the window.
+    def place(self, window, pieces, rows, known=None):
+        """Align one window's pieces to its units; return what ``Sentence.accept`` kept, or WAITING if the window waits.
 
         ``rows`` is (a (rows, D) array, the row of the window's first piece in it);
         ``known``, the server's pieces of each unit alone, where it was asked. A window
         that does not align, or whose alignment may be fooled, waits for those answers.
         """
-        units = window.units
-        basic = window.sentence.basic[window.start:window.end]
+        units, basic = window.units, window.basic
         counts = align(basic, pieces)
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
         # may differ from ours, two surprises could cancel out: ask the server instead of trusting them.
-        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(self.unicode.doubtful, units))
-        if counts is None or unsure or self.ran_short(counts, units, pieces):
-            window.sentence.resynced = True
+        unsure = ("[UNK]" in pieces or not all(basic)) and any(map(self.pool.unicode.doubtful, units))
+        resync = counts is None or unsure or self.ran_short(counts, units, pieces)
+        if resync:
             known = known or self.questions.known(units)
             if any(k is None for k in known):
                 source, base = rows
                 self.questions.park(window, pieces, (np.array(source[base:base + len(pieces)]), 0), known)
-                return
+                return WAITING
             counts = counts_from_known_pieces(known, pieces)
             if counts is None or self.ran_short(counts, units, pieces):
                 raise RunError(f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
                                f"(tokens {units!r}, server pieces {pieces!r})")
-        kept = window.sentence.accept(window, counts, len(pieces))
-        if kept:
-            parts.append((window, rows, kept))
-        touched.append(window.sentence)
+        return window.sentence.accept(window, counts, len(pieces), resync)
 
 
 # ---------------------------------------------------------------- run a model in this process (--model)
@@ -1109,7 +1153,7 @@ def word_windows(word_ids, limit):
     """Split a sentence's pieces into windows of at most ``limit``: (start, keep_from, keep_to) piece offsets.
 
     Each piece is kept from exactly one window. Windows end at a word boundary where a
-    whole word fits, and after the first they begin with up to limit // 4 pieces of
+    whole word fits, and after the first they begin with up to CONTEXT_SHARE of a window's pieces of
     whole words of left context, as in server mode.
     """
     n = len(word_ids)
@@ -1122,7 +1166,7 @@ def word_windows(word_ids, limit):
 
     windows, keep_from = [], 0
     while keep_from < n:
-        start = min(bounds[bisect.bisect_left(bounds, keep_from - limit // 4)], keep_from)
+        start = min(bounds[bisect.bisect_left(bounds, keep_from - int(limit * CONTEXT_SHARE))], keep_from)
         keep_to = last_bound(start)
         if keep_to is None and start < keep_from:   # context and the next word do not fit together
             start = keep_from

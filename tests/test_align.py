@@ -8,7 +8,7 @@ here is a case a server really produces.
 import numpy as np
 import pytest
 
-from bert_token_embed import (MERGES, SEPARATOR, PieceCounter, Sentence, align, basic_tokens,
+from bert_token_embed import (DONE, MERGES, SEPARATOR, PieceCounter, Sentence, Unit, align, basic_tokens,
                               counts_from_known_pieces, merge_segments, token_rows)
 
 UNCASED, CASED = True, False
@@ -118,6 +118,7 @@ def test_literal_special_tokens_are_text(tokenizers):
     pieces = server_pieces(srv, ["[CLS]", "[SEP]"])
     assert "[CLS]" not in pieces and "[SEP]" not in pieces
     assert pieces[0] == "[" and pieces[-1] == "]"
+    assert align([basic_tokens(t, True) for t in ["[CLS]", "[SEP]"]], pieces) == [4, 3]   # "[", "cl", "##s", "]"
 
 
 def test_a_pipe_token_does_not_make_a_sentence_pair(tokenizers):
@@ -246,51 +247,46 @@ def test_merge_segments_of_a_negative_block_keeps_max_negative(how):
     np.testing.assert_array_equal(got, [[0, 0], expected, [0, 0]])
 
 
-def finished_sentence(tokens, owner, unit_rows, unit_counts):
-    """A Sentence as token_rows sees it when all windows are back: unit k belongs to token owner[k].
-
-    Built without Sentence.__init__, so only what token_rows reads is set: tokens, units,
-    owner, rows (None for a unit without pieces), counts, block (None: not one window).
-    """
-    sentence = Sentence.__new__(Sentence)
-    sentence.tokens = list(tokens)
-    sentence.units = [f"unit{k}" for k in range(len(owner))]
-    sentence.owner = list(owner)
-    sentence.rows = [None if row is None else np.asarray(row, dtype=np.float32) for row in unit_rows]
-    sentence.counts = list(unit_counts)
-    sentence.block = None
+def finished_sentence(tokens, owner, unit_pieces, hidden=2):
+    """A long line as token_rows sees it when all windows are back: unit k belongs to token owner[k] and has these pieces' rows."""
+    sentence = Sentence(1, list(tokens), PieceCounter(lowercase=True))
+    sentence.make_units()
+    sentence.units = [Unit(f"unit{k}", (f"unit{k}",), 1, o) for k, o in enumerate(owner)]
+    for unit, rows in zip(sentence.units, unit_pieces):
+        unit.rows = np.asarray(rows, dtype=np.float32).reshape(-1, hidden)
+        unit.pieces, unit.state = len(unit.rows), DONE
     return sentence
 
 
 @pytest.mark.parametrize("how", MERGES)
-def test_token_rows_merges_the_units_of_a_split_token_again(how):
+def test_token_rows_merges_all_pieces_of_a_split_token_with_the_same_strategy(how):
     rng = np.random.default_rng(3)
     # Token 1 was split into 4 units (its basic tokens) with 1, 3, 0 and 2 pieces; tokens 0 and 2 have one piece each.
-    tokens = ["a", "long", "b"]
     counts = [1, 1, 3, 0, 2, 1]
     pieces = [rng.standard_normal((c, 4)).astype(np.float32) for c in counts]
-    unit_rows = [merge_segments(p, [len(p)], how)[0] if len(p) else None for p in pieces]
-    sentence = finished_sentence(tokens, [0, 1, 1, 1, 1, 2], unit_rows, counts)
+    sentence = finished_sentence(["a", "long", "b"], [0, 1, 1, 1, 1, 2], pieces, hidden=4)
+    assert sentence.done
     got = token_rows(sentence, how, 4)
     assert got.shape == (3, 4) and got.dtype == np.float32
     whole = np.concatenate(pieces[1:5])  # all pieces of the split token, in order
     expected = [pieces[0][0], reference_segments(whole, [len(whole)], how)[0], pieces[5][0]]
     np.testing.assert_allclose(got, np.array(expected), rtol=1e-6, atol=1e-6)
+    assert list(sentence.token_counts()) == [1, 6, 1]
 
 
-def test_token_rows_mean_is_weighted_by_piece_counts():
-    sentence = finished_sentence(["t"], [0, 0], [[1.0, 1.0], [4.0, 7.0]], [1, 3])
-    np.testing.assert_allclose(token_rows(sentence, "mean", 2), [[(1 + 12) / 4, (1 + 21) / 4]])
+def test_token_rows_mean_is_the_mean_of_all_the_pieces():
+    sentence = finished_sentence(["t"], [0, 0], [[[1.0, 1.0]], [[1.0, 2.0], [1.0, 9.0], [2.0, 10.0]]])
+    np.testing.assert_allclose(token_rows(sentence, "mean", 2), [[5 / 4, 22 / 4]])
 
 
 @pytest.mark.parametrize("how", MERGES)
 def test_token_rows_of_a_split_token_without_pieces_is_zero(how):
-    sentence = finished_sentence(["a", "t"], [0, 1, 1], [[1.0, 2.0], None, None], [1, 0, 0])
+    sentence = finished_sentence(["a", "t"], [0, 1, 1], [[[1.0, 2.0]], [], []])
     np.testing.assert_array_equal(token_rows(sentence, how, 2), [[1.0, 2.0], [0.0, 0.0]])
 
 
 def test_token_rows_without_split_is_the_unit_rows():
-    sentence = finished_sentence(["a", "\u200b", "b"], [0, 1, 2], [[1, 2], None, [3, 4]], [1, 0, 2])
-    np.testing.assert_array_equal(token_rows(sentence, "mean", 2), [[1, 2], [0, 0], [3, 4]])
-    empty = finished_sentence([], [], [], [])
-    assert token_rows(empty, "mean", 2).shape == (0, 2)
+    sentence = finished_sentence(["a", "\u200b", "b"], [0, 1, 2], [[[1, 2]], [], [[3, 4]]])
+    np.testing.assert_array_equal(token_rows(sentence, "last", 2), [[1, 2], [0, 0], [3, 4]])
+    empty = Sentence(1, [], PieceCounter(lowercase=True))
+    assert empty.plan(10) == [] and empty.done and token_rows(empty, "mean", 2).shape == (0, 2)

@@ -5,7 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from bert_token_embed import Request, ServerPool, UsageError, build_parser, parse_server, server_addresses
+from bert_token_embed import (Request, RunError, ServerPool, UsageError, build_parser, check_reply, parse_server,
+                              server_addresses)
 
 WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
 
@@ -215,3 +216,40 @@ def test_a_server_silent_from_its_first_request_is_dropped_at_start(uncased_serv
     assert "sent no reply for 1.5 s (after 0 replies)" in err and "Traceback" not in err
     with open(tmp_path / "out.pkl", "rb") as f:
         assert [a.shape for a in pickle.load(f)] == [(3, 16), (2, 16)]
+
+
+# ---------------------------------------------------------------- check_reply
+
+class Named:
+    name = "gpu1:5555:5556"
+
+
+def reply(n=2, length=5, hidden=4, pieces=(3, 5)):
+    """A well-formed reply for n sentences: rows up to each one's piece count, zeros after."""
+    embedding = np.zeros((n, length, hidden), dtype=np.float32)
+    tokens = []
+    for i, count in enumerate(pieces[:n]):
+        embedding[i, :count] = 1.0
+        tokens.append(["[CLS]"] + ["x"] * (count - 2) + ["[SEP]"])
+    return Request("embed", (), ["t"] * n), embedding, tokens
+
+
+def test_a_well_formed_reply_passes():
+    check_reply(Named, *reply(), 4)
+    check_reply(Named, *reply(), None)   # the probe, before the hidden size is known
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda r, e, t: (r, e, t[:1]), "1 piece lists for 2 sentences"),
+    (lambda r, e, t: (r, e, "tokens"), "no piece lists for 2 sentences"),
+    (lambda r, e, t: (r, e[:, :, :3], t), "an array of shape [2, 5, 3] for 2 sentences of hidden size 4"),
+    (lambda r, e, t: (r, e.astype(np.float64), t), "an array of dtype float64"),
+    (lambda r, e, t: (r, e, [t[0], ["x"] + t[1][1:]]), "a malformed piece list for sentence 2"),
+    (lambda r, e, t: (r, e, [t[0], t[1] + ["[SEP]"]]), "a malformed piece list for sentence 2"),
+    (lambda r, e, t: (r, e, [t[0][:-2] + ["[SEP]"], t[1]]), "2 pieces but more rows for sentence 1"),
+])
+def test_a_malformed_reply_is_a_run_error_naming_server_and_problem(spoil, words):
+    with pytest.raises(RunError) as caught:
+        check_reply(Named, *spoil(*reply()), 4)
+    assert str(caught.value).startswith("server gpu1:5555:5556 sent a malformed reply (request embed of 2 sentences)")
+    assert words in str(caught.value)
