@@ -104,6 +104,12 @@ def make_cased_vocab(directory) -> str:
 CATEGORY_IN_UNICODE_11 = {"\u166d": "Po", "\u1734": "Mn", "\u1cf2": "Mc", "\u1cf3": "Mc", "\ua9bd": "Mc"}
 
 
+# Characters HF tokenizers splits off as punctuation that are none to Python 3.7 (U+111C9 is a mark
+# there; found against the real server): a letter no BERT vocabulary holds stands in for them, so
+# that their word is one [UNK], as on the real server.
+NOT_PUNCTUATION_TO_PYTHON = str.maketrans({"\U000111c9": "\u0800"})
+
+
 @lru_cache(maxsize=None)
 def _unicode_age(char: str) -> tuple[int, int]:
     """The Unicode version that added the character; (99, 0) if none has yet."""
@@ -166,7 +172,8 @@ class BertWordPiece:
         if self.unicode_version is None:
             return text
         return "".join(c for c in text if c.isascii() or (_unicode_age(c) <= self.unicode_version
-                                                           and not self._python_deletes(c)))
+                                                           and not self._python_deletes(c))
+                       ).translate(NOT_PUNCTUATION_TO_PYTHON)
 
     def _python_deletes(self, char: str) -> bool:
         """True if Google's BasicTokenizer on Python 3.7 drops the character: category C*, or Mn when lowercasing."""

@@ -325,6 +325,9 @@ def model_corpus(minilm, truth, lines):
     return same, differ
 
 
+SUM_PIECES = 60   # a sum adds up the rounding of its rows: the corpus's longest token ("!" * 60) has 60
+
+
 @pytest.fixture(scope="module")
 def minilm():
     """The packaged MiniLM in-process, as --model runs it."""
@@ -340,12 +343,13 @@ def test_server_mode_equals_model_mode_on_the_same_weights(tmp_path, real_uncase
     served = run_tool(tmp_path, lines, [real_uncased], how)
     local = list(tool.embed_locally(iter(lines), minilm, how, 32, 1024, tool.Stats()))
     worst = 0.0
+    tolerance = ATOL * (SUM_PIECES if how == "sum" else 1)
     for text, a, b in zip(lines, served, local):
         assert a.shape == b.shape, text
-        np.testing.assert_allclose(a, b, rtol=ATOL, atol=ATOL, err_msg=repr(text))
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance, err_msg=repr(text))
         worst = max(worst, float(np.abs(a - b).max(initial=0.0)))
     print(f"\nserver vs --model, {how}: {len(lines)} lines, largest difference {worst:.2g}; "
-          f"{len(differ)} lines left out (other pieces): {differ}")
+          f"{len(differ)} lines left out (other pieces), e.g. {differ[:3]}")
 
 
 # ---------------------------------------------------------------- faults with the real thing
@@ -381,11 +385,11 @@ def assert_rows_equal(got, expected):
 
 
 @pytest.fixture(scope="module")
-def fault_reference(tmp_path_factory, real_uncased):
+def fault_reference(tmp_path_factory, real_servers):
     """The fault tests' input (3,000 lines) and the rows one healthy server gives for it."""
     folder = tmp_path_factory.mktemp("fault-reference")
     lines = plain_lines(3000)
-    return lines, run_tool(folder, lines, [real_uncased], "mean", "--batch-size", "32")
+    return lines, run_tool(folder, lines, [real_servers.get("real_uncased")], "mean", "--batch-size", "32")
 
 
 def test_two_real_servers_one_killed_mid_run_the_other_finishes_right(tmp_path, real_uncased, real_second,

@@ -657,3 +657,10 @@ def test_characters_python_3_7_deletes_are_deleted_where_hf_tokenizers_keeps_the
     assert srv.tokenize("\U000110cd x")[1:-1] == ["x"]
     assert srv.tokenize("\u07fd x \u1df6")[1:-1] == kept_when_cased + ["x"] + kept_when_cased
     assert srv.tokenize("\ua9bd")[1:-1] == ["[UNK]"]
+
+
+def test_a_mark_that_hf_tokenizers_reads_as_punctuation_stays_in_its_word_when_cased():
+    """U+111C9 is a mark (Mn) to Python 3.7: with -cased_tokenization the real server keeps it in its word."""
+    srv = StandinServer(do_lower_case=False, max_seq_len=None, hidden=1)
+    assert srv.tokenize("aa\U000111c9 x")[1:-1] == ["[UNK]", "x"]
+    assert srv.tokenize("\u166d\U000111c9")[1:-1] == ["[UNK]", "[UNK]"]   # U+166D was punctuation in Unicode 11
