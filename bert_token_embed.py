@@ -207,7 +207,7 @@ class ServerUnicode:
 
     def __init__(self, version):
         self.version = version                  # (major, minor), or None: the server did not say
-        self.assigned = None                    # for an older server: sorted (first, last) code point ranges it has
+        self.assigned = None                    # for an older server: the ranges it has, as sorted starts and ends
         if version is not None and version < OUR_UNICODE:
             try:
                 from unicode_age.unicode_age_db import iter_spans
@@ -227,7 +227,12 @@ class ServerUnicode:
         return bisect.bisect_right(self.assigned, ord(char)) % 2 == 0   # even: before a range, or between two
 
     def _doubtful(self, unit):
-        """True if a character of the unit may be of another class for BERT in the server's tables than in ours."""
+        """True if a character of the unit may be of another class for BERT in the server's tables than in ours.
+
+        Only Unicode 3.2's tables stand beside ours here, so a character added after 3.2
+        whose class changed later is taken as it is in ours; a changed spelling still shows
+        in the alignment, and only an ``[UNK]`` that happens to fit could slip through.
+        """
         if unit.isascii() or self.version == OUR_UNICODE:
             return False
         if self.version is None:   # any character added or changed since Unicode 3.2 may differ
@@ -476,9 +481,9 @@ class Sentence:
     def plan(self, limit):
         """Windows that cover the units without rows, each within ``limit`` pieces by estimate, with left context."""
         if self.units is None:
-            size = sum(self.estimate)
             if not self.tokens:
                 return []
+            size = sum(self.estimate)
             if not self.windows and size <= limit:   # most lines: one window, no context
                 self.windows = self.in_flight = 1
                 return [Window(self, 0, 0, len(self.tokens), size)]
@@ -786,7 +791,11 @@ class ServerPool:
                                  "start them all with the same model and flags")
             self.lowercase, max_seq_len = settings.pop()
             versions = {unicode_of_python(server.config.get("python_version")) for server in self.servers}
-            self.unicode = ServerUnicode(versions.pop() if len(versions) == 1 else None)
+            if len(versions) > 1:   # questions and windows could go to servers that tokenize apart
+                raise UsageError("the servers run Pythons with different Unicode tables ("
+                                 + ", ".join(sorted(str(s.config.get("python_version", "?")).split()[0]
+                                                    for s in self.servers)) + "); start them all with the same Python")
+            self.unicode = ServerUnicode(versions.pop())
             self.limit = (max_seq_len or MAX_POSITIONS) - 2
             self.padded_length = max_seq_len   # what every sentence is padded to; None: each batch's longest
             for server in self.servers:
@@ -1045,11 +1054,11 @@ class ServerRun:
                 pool.orphans.clear()
             self.queue.extend(embed_requests(reader.take_chunk(idle=not (self.queue or pool.busy)),
                                              self.batch_size, pool.padded_length))
-            can_read = not reader.exhausted and len(self.open_lines) < 2 * reader.chunk_lines
-            self.ask_questions(can_read)
+            self.ask_questions()
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
             yield from self.finished_lines()
+            can_read = self.can_read()   # after the lines handed out, which make room for more
             if not (pool.busy or self.queue or can_read or reader.staged):
                 return
             # Read more lines only while no reply is waiting, so a server is never kept waiting on us.
@@ -1059,7 +1068,11 @@ class ServerRun:
             elif can_read:
                 self.open_lines.extend(reader.read_some())
 
-    def ask_questions(self, can_read):
+    def can_read(self):
+        """True if more input may be read now: there is some, and fewer than two chunks' lines are open."""
+        return not self.reader.exhausted and len(self.open_lines) < 2 * self.reader.chunk_lines
+
+    def ask_questions(self):
         """Queue the questions about units alone, first: in full requests, or all once no other work could add to them.
 
         Until then a reply or the lines still to read may bring more doubtful units, to
@@ -1068,7 +1081,7 @@ class ServerRun:
         """
         if not self.questions.unsent:
             return
-        embedding = can_read or any(r.kind == "embed" for r in itertools.chain(
+        embedding = self.can_read() or any(r.kind == "embed" for r in itertools.chain(
             self.queue, *(server.in_flight.values() for server in self.pool.servers)))
         units = self.questions.take_unsent(self.batch_size, everything=not embedding)
         if units:

@@ -186,3 +186,21 @@ def test_a_fixed_length_server_gets_full_batches(uncased_server, run_cli, tmp_pa
         arrays, requests, sentences, _ = run_counted(srv, run_cli, tmp_path, text, "--batch-size", "256")
     assert len(arrays) == 1000 and sentences == 1000 + 1
     assert requests == math.ceil(1000 / 256) + 1   # chunks of 512 and 488 lines: 2 + 2 requests, and the probe
+
+
+def test_a_doubtful_first_line_does_not_end_a_long_run_early(standin, run_cli, tmp_path):
+    """Output waits for the first line's answer until two chunks of lines are open; reading goes on after it."""
+    text = "\xad the cat\n" + "the cat sat\n" * 2999
+    arrays, _, _, err = run_counted(standin, run_cli, tmp_path, text)
+    assert len(arrays) == 3000 and [a.shape[0] for a in arrays[:2]] == [3, 3] and "3000 lines" in err
+
+
+def test_servers_on_pythons_with_other_unicode_tables_are_refused(uncased_server, run_cli, tmp_path):
+    (tmp_path / "in.txt").write_text("a b\n")
+    with uncased_server(max_seq_len=None, hidden=4) as old, \
+            uncased_server(max_seq_len=None, hidden=4, python_version="3.6.15 (default)", unicode_version=(9, 0)) as older:
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl",
+                              "--server", f"127.0.0.1:{old.port}:{old.port_out}",
+                              "--server", f"127.0.0.1:{older.port}:{older.port_out}"])
+    assert rc == 2 and err.count("\n") == 1 and "different Unicode tables (3.6.15, 3.7.9)" in err
+    assert not (tmp_path / "out.pkl").exists()
