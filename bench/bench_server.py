@@ -21,9 +21,11 @@ import argparse
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from corpus import make_corpus
@@ -50,12 +52,22 @@ def stop_server(proc):
     return json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
 
 
-def timed(command):
-    """Run a command; return (seconds, peak RSS in MiB, CPU seconds) of that child alone."""
+def timed(command, timeout=None):
+    """Run a command; return (seconds, peak RSS in MiB, CPU seconds) of that child alone.
+
+    A command still running after ``timeout`` seconds is killed and TimeoutError raised.
+    """
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killer = threading.Timer(timeout, proc.kill) if timeout else None
+    if killer:
+        killer.start()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    if killer:
+        killer.cancel()
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            raise TimeoutError(f"{command[1]} ran past {timeout} s")
     if status != 0:
         raise SystemExit(f"{command} failed: {proc.stderr.read().decode()}")
     return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -276,3 +277,85 @@ def expect():
         server_args = staticmethod(server_args)
         listing = staticmethod(listing)
     return Expect
+
+
+# ---------------------------------------------------------------- the real bert-serving-server (tests/test_realserver.py)
+
+# Fixture name: (max_seq_len, cased). Only the servers that the selected tests use are started, all at once.
+REAL_SERVERS = {
+    "real_uncased": (None, False),   # uncased, -max_seq_len NONE
+    "real_short": (25, False),       # uncased, -max_seq_len 25: long lines need windows
+    "real_cased": (None, True),      # -cased_tokenization on the same uncased model
+    "real_second": (None, False),    # a second server for the several-servers tests (they kill it)
+    "real_doomed": (None, False),    # killed by the test of a run that loses its only server
+}
+
+
+@pytest.fixture(scope="session")
+def real_build():
+    """The real server's Python 3.7 venv and converted model (tests/realserver/build.py), built once and cached.
+
+    Without Python 3.7 the real-server tests skip, except under CI=true, where they fail:
+    CI must run them.
+    """
+    from realserver.build import NoPython37, ensure_built
+    try:
+        return ensure_built()
+    except NoPython37 as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, so the real-server tests must run: {err}", pytrace=False)
+        pytest.skip(str(err))
+
+
+class RealServers:
+    """The real servers of one test session: started together on first use, restarted if a test killed one."""
+
+    def __init__(self, build, log_dir, names):
+        from realserver.server import RealServer
+        self.servers = {name: RealServer(build, name, *REAL_SERVERS[name], log_dir=log_dir) for name in names}
+        started = time.monotonic()
+        for server in self.servers.values():
+            server.start()
+        for server in self.servers.values():
+            server.wait_ready()
+        self.startup_s = time.monotonic() - started
+
+    def get(self, name):
+        """The named server, running (one that a test killed is started again)."""
+        server = self.servers[name]
+        if not server.group_alive():
+            server.start().wait_ready()
+        return server
+
+    def stop(self):
+        """Kill every server's whole process group."""
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_servers(request, real_build, tmp_path_factory):
+    """The RealServers that the session's selected tests ask for (by fixture name), all started in parallel."""
+    names = set()
+    for item in request.session.items:   # a server is asked for by a fixture name or a parameter naming one
+        params = getattr(item, "callspec", None)
+        for name in [*getattr(item, "fixturenames", ()), *(params.params.values() if params else ())]:
+            if isinstance(name, str) and name in REAL_SERVERS:
+                names.add(name)
+    servers = RealServers(real_build, tmp_path_factory.mktemp("realserver-logs"), sorted(names))
+    print(f"\nreal servers {sorted(names)} ready in {servers.startup_s:.1f} s")
+    yield servers
+    servers.stop()
+
+
+def _real_server_fixture(name):
+    """A fixture named NAME: the running real server NAME."""
+    @pytest.fixture(name=name)
+    def fixture(real_servers):
+        return real_servers.get(name)
+    fixture.__doc__ = f"The real bert-serving-server {name}: max_seq_len, cased = {REAL_SERVERS[name]}."
+    return fixture
+
+
+for _name in REAL_SERVERS:
+    globals()[f"_{_name}_fixture"] = _real_server_fixture(_name)

@@ -25,12 +25,15 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import signal
+import string
 import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -47,7 +50,7 @@ VOCAB_UNCASED = str(Path(__file__).resolve().parent / "data" / "vocab-uncased.tx
 
 MAX_POSITION_EMBEDDINGS = 512
 MAX_BATCH_SIZE = 256  # the real ventilator splits larger requests into slices of this size
-PYTHON_37 = "3.7.9 (default, Aug 31 2020, 12:42:55) \n[GCC 7.3.0]"   # sys.version as a real server reports it
+PYTHON_37 = "3.7.16 (default, May  9 2026, 07:31:42) \n[GCC 12.2.0]"   # sys.version as a real server reports it
 CONFIG_REPLY_DELAY_S = 0.1  # the real sink's "dirty fix of slow-joiner"
 PAIR_RE = re.compile(r"^(.*) \|\|\| (.*)$")  # the exact pattern of extract_features.read_examples
 CLS, SEP, UNK = "[CLS]", "[SEP]", "[UNK]"
@@ -94,6 +97,17 @@ def make_cased_vocab(directory) -> str:
     path = Path(directory) / "vocab-cased.txt"
     path.write_text("\n".join(entries + extra) + "\n", encoding="utf-8")
     return str(path)
+
+
+# The characters whose general category in Unicode 11 (a Python 3.7 server) is not this Python's
+# (Unicode 14 or 15), found by comparing Python 3.7's unicodedata with 3.11's: their Unicode 11 category.
+CATEGORY_IN_UNICODE_11 = {"\u166d": "Po", "\u1734": "Mn", "\u1cf2": "Mc", "\u1cf3": "Mc", "\ua9bd": "Mc"}
+
+
+# Characters HF tokenizers splits off as punctuation that are none to Python 3.7 (U+111C9 is a mark
+# there; found against the real server): a letter no BERT vocabulary holds stands in for them, so
+# that their word is one [UNK], as on the real server.
+NOT_PUNCTUATION_TO_PYTHON = str.maketrans({"\U000111c9": "\u0800"})
 
 
 @lru_cache(maxsize=None)
@@ -149,10 +163,22 @@ class BertWordPiece:
         return [list(itertools.chain.from_iterable(map(known.__getitem__, ws))) for ws in words]
 
     def _known_only(self, text: str) -> str:
-        """The text without the characters newer than ``unicode_version``."""
+        """The text without the characters newer than ``unicode_version``, nor those Python's BERT deletes.
+
+        HF tokenizers' own tables are older than Unicode 11 for some characters: it keeps
+        (as [UNK]) format characters such as U+08E2 and, when stripping accents, marks such
+        as U+07FD, which a real server's Python deletes (found against the real server).
+        """
         if self.unicode_version is None:
             return text
-        return "".join(c for c in text if c.isascii() or _unicode_age(c) <= self.unicode_version)
+        return "".join(c for c in text if c.isascii() or (_unicode_age(c) <= self.unicode_version
+                                                           and not self._python_deletes(c))
+                       ).translate(NOT_PUNCTUATION_TO_PYTHON)
+
+    def _python_deletes(self, char: str) -> bool:
+        """True if Google's BasicTokenizer on Python 3.7 drops the character: category C*, or Mn when lowercasing."""
+        category = CATEGORY_IN_UNICODE_11.get(char) or unicodedata.category(char)
+        return category.startswith("C") or (self.do_lower_case and category == "Mn")
 
     def _encode(self, texts: list[str]) -> list[list[str]]:
         """The pieces of cleaned (and lower-cased) texts."""
@@ -420,6 +446,9 @@ class StandinServer:
         self._encode_count = 0
         self._device_free_at = 0.0   # simulate_gpu: when the simulated device finishes its last request
         self._start_time = str(datetime.now())
+        # Internal addresses as the real server reports them: libzmq's names for "ipc://*".
+        self._ipc = [f"ipc://tmp{''.join(random.choices(string.ascii_letters + string.digits, k=6))}/socket"
+                     for _ in range(10)]
 
     # -- public API ---------------------------------------------------------
 
@@ -488,9 +517,9 @@ class StandinServer:
         runtime = {
             "client": identity.decode("ascii"),
             "num_process": 2,  # the sink and one worker
-            "ventilator -> worker": [f"ipc:///tmp/standin-{self.port}/v2w-{i}" for i in range(8)],
-            "worker -> sink": f"ipc:///tmp/standin-{self.port}/w2s",
-            "ventilator <-> sink": f"ipc:///tmp/standin-{self.port}/v2s",
+            "ventilator -> worker": self._ipc[:8],
+            "worker -> sink": self._ipc[8],
+            "ventilator <-> sink": self._ipc[9],
             "server_current_time": str(datetime.now()),
             "device_map": [],
             "num_concurrent_socket": 8,
@@ -511,7 +540,7 @@ class StandinServer:
             "tuned_model_dir": None, "verbose": False, "xla": False,
         }
         static = {
-            "tensorflow_version": ["1", "15", "0"],
+            "tensorflow_version": ["1", "15", "5"],   # what pip installs for tensorflow==1.15.5
             "python_version": self.python_version,
             "server_version": self.server_version,
             "pyzmq_version": zmq.pyzmq_version(),
@@ -746,35 +775,62 @@ def parse_batch(payload: bytes) -> list:
 
 
 class RequestStatistic:
-    """A reduced version of the real ServerStatistic for SHOW_STATUS."""
+    """The real ServerStatistic for SHOW_STATUS: the same keys, computed the same way (without its 500-client cap)."""
+
+    ACTIVE_S = 180   # a client is active while its last data request is this recent
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._clients: dict[bytes, int] = {}
-        self._sizes: list[int] = []
+        self._requests_per_client: dict[bytes, int] = {}
+        self._last_active: dict[bytes, float] = {}
+        self._sizes: dict[int, int] = {}     # request size -> how many requests had it
         self._num_sys = 0
+        self._last_time = time.perf_counter()
+        self._intervals: list[float] = []    # the last 200 intervals between data requests
 
     def update(self, identity: bytes, msg: bytes, msg_len: int) -> None:
         """Count one well-formed request."""
         with self._lock:
-            self._clients[identity] = self._clients.get(identity, 0) + 1
+            self._requests_per_client[identity] = self._requests_per_client.get(identity, 0) + 1
             if msg in (TERMINATION, SHOW_CONFIG, SHOW_STATUS):
                 self._num_sys += 1
-            else:
-                self._sizes.append(msg_len)
+                return
+            self._sizes[msg_len] = self._sizes.get(msg_len, 0) + 1
+            now = time.perf_counter()
+            self._last_active[identity] = now
+            if len(self._intervals) < 200:
+                self._intervals.append(now - self._last_time)
+            else:   # as the real one: the oldest goes, the newest is not added
+                self._intervals.pop(0)
+            self._last_time = now
 
     def value(self) -> dict:
-        """Return the counters with the real key names."""
+        """Return the counters with the real key names and meanings."""
         with self._lock:
+            now = time.perf_counter()
+            data = sum(self._sizes.values())
             value = {
-                "num_data_request": len(self._sizes), "num_total_seq": sum(self._sizes),
-                "num_sys_request": self._num_sys, "num_total_request": len(self._sizes) + self._num_sys,
-                "num_total_client": len(self._clients), "num_active_client": len(self._clients),
+                "num_data_request": data, "num_total_seq": sum(k * v for k, v in self._sizes.items()),
+                "num_sys_request": self._num_sys, "num_total_request": data + self._num_sys,
+                "num_total_client": len(self._requests_per_client),
+                "num_active_client": sum(now - t < self.ACTIVE_S for t in self._last_active.values()),
             }
-            if self._sizes:
-                value.update(avg_size_per_request=sum(self._sizes) / len(self._sizes),
-                             min_size_per_request=min(self._sizes), max_size_per_request=max(self._sizes))
+            value.update(min_max_avg("request_per_client", list(self._requests_per_client.values())))
+            # Over the distinct sizes, as the real one (so num_min/num_max count sizes, not requests).
+            value.update(min_max_avg("size_per_request", list(self._sizes),
+                                     data and value["num_total_seq"] / data))
+            value.update(min_max_avg("last_two_interval", self._intervals))
+            value.update(min_max_avg("request_per_second", [1.0 / v for v in self._intervals if v > 0]))
             return value
+
+
+def min_max_avg(name: str, values: list, avg=None) -> dict:
+    """avg_/min_/max_/num_min_/num_max_NAME of the values, or nothing for no values (the real get_min_max_avg)."""
+    if not values:
+        return {}
+    low, high = min(values), max(values)
+    return {f"avg_{name}": sum(values) / len(values) if avg is None else avg, f"min_{name}": low,
+            f"max_{name}": high, f"num_min_{name}": values.count(low), f"num_max_{name}": values.count(high)}
 
 
 # ---------------------------------------------------------------------------

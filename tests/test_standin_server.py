@@ -32,6 +32,10 @@ CONFIG_KEYS = {
     "tuned_model_dir", "verbose", "xla", "tensorflow_version", "python_version", "server_version",
     "pyzmq_version", "zmq_version", "server_start_time",
 }
+STATISTIC_PARTS = ("request_per_client", "size_per_request", "last_two_interval", "request_per_second")
+REAL_STATISTIC_KEYS = {"num_data_request", "num_total_seq", "num_sys_request", "num_total_request",
+                       "num_total_client", "num_active_client"} | {
+    f"{stat}_{part}" for part in STATISTIC_PARTS for stat in ("avg", "min", "max", "num_min", "num_max")}
 HELLO = ["Hello World !", "I'm hankcs"]
 HELLO_TOKENS = [["[CLS]", "hello", "world", "!", "[SEP]"],
                 ["[CLS]", "i", "'", "m", "hank", "##cs", "[SEP]"]]
@@ -84,7 +88,7 @@ def test_client_constructs_and_sees_the_real_config_keys(srv, bc):
     assert set(config) == CONFIG_KEYS
     assert config["pooling_strategy"] == 0 and config["max_seq_len"] == 25
     assert config["server_version"] == "1.10.0" and config["show_tokens_to_client"] is True
-    assert config["pooling_layer"] == [-2] and config["tensorflow_version"] == ["1", "15", "0"]
+    assert config["pooling_layer"] == [-2] and config["tensorflow_version"] == ["1", "15", "5"]
     assert config["client"] == bc.identity.decode() and config["port"] == srv.port
     assert bc.length_limit == 25 and bc.token_info_available
 
@@ -93,6 +97,31 @@ def test_server_status_adds_statistic(bc):
     status = bc.server_status
     assert set(status) == CONFIG_KEYS | {"statistic"}
     assert status["statistic"]["num_sys_request"] >= 2
+
+
+def test_server_status_counts_as_the_real_server(srv):
+    """The real ServerStatistic's keys and meanings (checked against it in tests/test_realserver.py).
+
+    Sizes are counted over the distinct request sizes (num_min/num_max count sizes), a
+    client is active only after a data request, every request counts for its client.
+    """
+    with StandinServer(max_seq_len=None) as fresh, client(fresh) as watcher, client(fresh) as worker:
+        for batch in (["a"], ["a", "b"], ["c", "d"]):
+            worker.encode(batch)
+        statistic = watcher.server_status["statistic"]
+    assert set(statistic) == REAL_STATISTIC_KEYS
+    assert (statistic["num_data_request"], statistic["num_total_seq"], statistic["num_active_client"]) == (3, 5, 1)
+    assert statistic["num_sys_request"] == 3 and statistic["num_total_request"] == 6   # 2 configs, 1 status
+    assert (statistic["min_size_per_request"], statistic["max_size_per_request"]) == (1, 2)
+    assert (statistic["num_min_size_per_request"], statistic["num_max_size_per_request"]) == (1, 1)
+    assert statistic["avg_size_per_request"] == pytest.approx(5 / 3)
+    assert (statistic["min_request_per_client"], statistic["max_request_per_client"]) == (2, 4)
+
+
+def test_the_config_reports_what_the_real_server_reports_on_python_3_7(bc):
+    config = bc.server_config
+    assert config["python_version"].startswith("3.7.16 ") and config["tensorflow_version"] == ["1", "15", "5"]
+    assert all(re.fullmatch(r"ipc://tmp\w{6}/socket", a) for a in config["ventilator -> worker"])
 
 
 def test_encode_returns_rows_tokens_and_zero_padding(srv, bc):
@@ -612,3 +641,26 @@ def test_script_mode_serves_until_sigterm():
     assert proc.returncode == 0
     stats = json.loads(stderr.strip().splitlines()[-1])
     assert stats["requests"] == 1 and stats["replies"] == 1 and stats["useful_positions"] == 12
+
+
+@pytest.mark.parametrize("do_lower_case", [True, False], ids=["uncased", "cased"])
+def test_characters_python_3_7_deletes_are_deleted_where_hf_tokenizers_keeps_them(do_lower_case):
+    """Found against the real server (every character sent alone): HF tokenizers' tables are older here.
+
+    U+08E2 and U+110CD are format characters (Cf, deleted as C*); U+07FD and U+1DF6 are
+    marks (Mn, stripped with the accents when lowercasing); U+A9BD was a spacing mark (Mc)
+    in Unicode 11 and is kept, though it is Mn now.
+    """
+    srv = StandinServer(do_lower_case=do_lower_case, max_seq_len=None, hidden=1)
+    kept_when_cased = ["[UNK]"] if not do_lower_case else []
+    assert srv.tokenize("a\u08e2")[1:-1] == ["a"]
+    assert srv.tokenize("\U000110cd x")[1:-1] == ["x"]
+    assert srv.tokenize("\u07fd x \u1df6")[1:-1] == kept_when_cased + ["x"] + kept_when_cased
+    assert srv.tokenize("\ua9bd")[1:-1] == ["[UNK]"]
+
+
+def test_a_mark_that_hf_tokenizers_reads_as_punctuation_stays_in_its_word_when_cased():
+    """U+111C9 is a mark (Mn) to Python 3.7: with -cased_tokenization the real server keeps it in its word."""
+    srv = StandinServer(do_lower_case=False, max_seq_len=None, hidden=1)
+    assert srv.tokenize("aa\U000111c9 x")[1:-1] == ["[UNK]", "x"]
+    assert srv.tokenize("\u166d\U000111c9")[1:-1] == ["[UNK]", "[UNK]"]   # U+166D was punctuation in Unicode 11
