@@ -1159,6 +1159,7 @@ class ServerRun:
         self.open_lines = collections.deque()             # lines read and not yet handed out, in input order
         self.queue = collections.deque()                  # requests waiting for a server with room
         self.questions = PieceQuestions(pool.limit)
+        self.next_windows = []                            # of lines that replies left unfinished, not yet queued
 
     def __iter__(self):
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
@@ -1171,6 +1172,7 @@ class ServerRun:
             self.queue.extend(embed_requests(reader.take_chunk(idle=not (self.queue or pool.busy)),
                                              self.batch_size, pool.padded_length))
             self.ask_questions()
+            self.queue_next_windows()
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
             yield from self.finished_lines()
@@ -1206,6 +1208,22 @@ class ServerRun:
             self.queue.extendleft(reversed([Request("pieces", (), units[i:i + self.batch_size])
                                             for i in range(0, len(units), self.batch_size)]))
 
+    def queue_next_windows(self):
+        """Queue the next windows of unfinished lines, first: in full requests, or all once the servers run short of work.
+
+        Replies come one at a time and each leaves a few lines unfinished (a window cut
+        short, a unit to retry), so their next windows wait to share requests, as long as
+        the servers hold a batch's worth of other sentences.
+        """
+        if not self.next_windows:
+            return
+        short_of_work = (sum(server.sentences for server in self.pool.servers) < self.batch_size
+                         and not any(request.kind == "embed" for request in self.queue))
+        self.next_windows.sort(key=lambda w: w.size)
+        n = len(self.next_windows) if short_of_work else len(self.next_windows) // self.batch_size * self.batch_size
+        windows, self.next_windows = self.next_windows[:n], self.next_windows[n:]
+        self.queue.extendleft(reversed(embed_requests(windows, self.batch_size, self.pool.padded_length)))
+
     def finished_lines(self):
         """Hand out the rows of the lines at the front that are done."""
         while self.open_lines and self.open_lines[0].done:
@@ -1232,10 +1250,8 @@ class ServerRun:
                 if kept:
                     parts.append((window, rows, kept))
         merge_parts(parts, self.how)
-        for sentence in touched:
-            if sentence.in_flight == 0 and not sentence.done:
-                self.queue.extendleft(reversed(embed_requests(sentence.plan(self.pool.limit), self.batch_size,
-                                                             self.pool.padded_length)))
+        self.next_windows.extend(w for sentence in touched if sentence.in_flight == 0 and not sentence.done
+                                 for w in sentence.plan(self.pool.limit))
 
     def ran_short(self, counts, units, pieces):
         """True if the pieces ran out before the units although the server did not fill the window: no truncation."""

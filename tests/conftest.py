@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from bert_token_embed import ServerUnicode, basic_tokens
 from standin_server import VOCAB_UNCASED, StandinServer, make_cased_vocab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,12 +249,23 @@ def check_token_row(tables, row, pieces, how, atol=1e-5):
         assert (np.abs(values - row).min(axis=0) < atol * 10).all(), f"row is no max of pieces {pieces}"
 
 
+def estimate_is_no_more_than_the_pieces(srv, tokens):
+    """True if no token has fewer pieces than the tool expects of it (one per basic token, as it sees them).
+
+    Only then does a line whose pieces fit one window surely go out as one window: where the
+    server deletes a character the tool keeps (its Unicode tables differ), the tool may
+    expect more pieces than fit, and rightly plan several windows with context.
+    """
+    lacks = ServerUnicode(srv.unicode_version).lacks
+    return all(len(token_pieces(srv, t)) >= len(basic_tokens(t, srv.do_lower_case, lacks)) for t in tokens)
+
+
 def check_line(srv, tables, line, array, how, atol=1e-5):
-    """Assert a written array is right for ``line``: exact values when the line fits one window, else per token."""
+    """Assert a written array is right for ``line``: exact values when the line surely went as one window, else per token."""
     tokens = line.split()
     assert isinstance(array, np.ndarray) and array.dtype == np.float32, type(array)
     assert array.shape == (len(tokens), srv.hidden), (array.shape, line)
-    expected = expected_line(srv, line, how)
+    expected = expected_line(srv, line, how) if estimate_is_no_more_than_the_pieces(srv, tokens) else None
     if expected is not None:
         np.testing.assert_allclose(array, expected, rtol=1e-5, atol=atol, err_msg=repr(line))
         return

@@ -410,6 +410,7 @@ class StandinServer:
         self.show_tokens_to_client = show_tokens_to_client
         self.server_version = server_version
         self.python_version = python_version   # what SHOW_CONFIG reports; unicode_version, the tables it implies
+        self.unicode_version = unicode_version
         self.pooling_layer = list(pooling_layer)
         self.model = str(model) if model is not None else None
         self.simulate_gpu = dict(simulate_gpu) if simulate_gpu else None

@@ -205,3 +205,14 @@ def test_servers_on_pythons_with_other_unicode_tables_are_refused(uncased_server
                               "--server", f"127.0.0.1:{older.port}:{older.port_out}"])
     assert rc == 2 and err.count("\n") == 1 and f"different Unicode tables (3.6.15, {PYTHON_37.split()[0]})" in err
     assert not (tmp_path / "out.pkl").exists()
+
+
+def test_the_next_windows_of_lines_a_reply_left_unfinished_go_out_together(uncased_server, run_cli, tmp_path):
+    """Long lines through max_seq_len 25: words of several pieces cut windows short, and the rest follow in shared requests."""
+    rng = np.random.default_rng(4)
+    words = PLAIN_WORDS + ["unaffable", "hankcs", "zhongguancun"]   # several pieces each
+    text = "".join(" ".join(rng.choice(words, int(rng.integers(30, 60)))) + "\n" for _ in range(200))
+    with uncased_server(max_seq_len=25, hidden=8) as srv:
+        arrays, requests, sentences, _ = run_counted(srv, run_cli, tmp_path, text, "--batch-size", "32")
+    assert len(arrays) == 200 and sentences > 3 * 200
+    assert requests <= math.ceil(sentences / 32) + 1 + 8, (requests, sentences)

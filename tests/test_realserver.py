@@ -467,11 +467,18 @@ def test_plain_text_takes_full_batches_and_the_probe(tmp_path, real_uncased):
 
 
 def test_long_lines_through_max_seq_len_25_go_in_full_batches(tmp_path, real_short):
-    """However many windows long lines need, they go out in full requests (plus a few part-full ones)."""
+    """However many windows long lines need, they go out in full requests, plus a few part-full ones.
+
+    A window the server cut short (its words had more pieces than expected) leaves the rest
+    of its line for a next window; the next windows of all the lines one reply left
+    unfinished go out together, so a part-full request comes at most once per reply that
+    cut some. The stand-in, on the same lines, makes 22 requests of 544 windows (112 when
+    each line's next windows went out alone).
+    """
     lines = make_corpus_lines(200, seed=5)
     requests, sentences = counted_run(tmp_path, real_short, lines)
     assert sentences > 2 * len(lines)   # most lines need several windows
-    assert requests <= math.ceil(sentences / BATCH) + 1 + 3, (requests, sentences)
+    assert requests <= math.ceil(sentences / BATCH) + 1 + 8, (requests, sentences)
 
 
 def test_emoji_text_asks_about_each_doubtful_unit_once_in_full_batches(tmp_path, real_uncased,
