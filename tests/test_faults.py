@@ -315,7 +315,9 @@ def test_resume_from_standard_input_that_changed_is_refused(tmp_path, uncased_se
         proc = subprocess.Popen([sys.executable, str(SCRIPT), "-", "-o", str(out), *server_args(srv),
                                  "--batch-size", "8", "--resume", "-q"], stdin=open(source, "rb"),
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60   # a busy machine starts Python slowly: wait for lines done, not a fixed time
+        while srv.stats["replies"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
         status, _, err = run_cli(["-", "-o", out, *server_args(srv), "--resume", "-q"], stdin="other text\n" * 3000)
