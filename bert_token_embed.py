@@ -595,17 +595,58 @@ class Sentence:
 
 # ---------------------------------------------------------------- merge piece rows into token rows
 
-MERGES = ("mean", "last", "first", "sum", "max")
+def merge_first(at, starts, sizes):
+    """Each segment's first row."""
+    return at(starts)
+
+
+def merge_last(at, starts, sizes):
+    """Each segment's last row."""
+    return at(starts + sizes - 1)
+
+
+def fold_rows(at, starts, sizes, combine):
+    """Each segment's rows folded with ``combine`` (an element-wise numpy ufunc), in float32.
+
+    Segments are short (most tokens are one piece), so the loop runs over the piece
+    position within a segment and each step is one gather over all segments still that
+    long: several times faster than ``np.add.reduceat`` along axis 0.
+    """
+    folded = at(starts).astype(np.float32)
+    for k in range(1, int(sizes.max(initial=1))):
+        longer = np.flatnonzero(sizes > k)
+        folded[longer] = combine(folded[longer], at(starts[longer] + k))
+    return folded
+
+
+def merge_sum(at, starts, sizes):
+    """Each segment's rows added up."""
+    return fold_rows(at, starts, sizes, np.add)
+
+
+def merge_mean(at, starts, sizes):
+    """Each segment's mean row."""
+    summed = merge_sum(at, starts, sizes)
+    summed /= sizes[:, None]
+    return summed
+
+
+def merge_max(at, starts, sizes):
+    """Each segment's element-wise maximum."""
+    return fold_rows(at, starts, sizes, np.maximum)
+
+
+# --merge: a strategy is a function of (at, starts, sizes), where at(positions) gathers rows and
+# segment k (never empty) is the rows starts[k] .. starts[k] + sizes[k] - 1; the first is the default.
+MERGE_FUNCTIONS = {"mean": merge_mean, "last": merge_last, "first": merge_first, "sum": merge_sum, "max": merge_max}
+MERGES = tuple(MERGE_FUNCTIONS)
 
 
 def merge_segments(rows, counts, how, index=None):
-    """One row per segment of consecutive rows (segment k has ``counts[k]`` rows); an empty segment gives a zero row.
+    """One row per segment of consecutive rows (segment k has ``counts[k]`` rows), merged by MERGE_FUNCTIONS[how]; an empty segment gives a zero row.
 
     The rows are ``rows[index]`` (``rows`` itself without an index), read straight from
-    ``rows`` without a copy of the whole. Segments are short (most tokens are one piece),
-    so the loop runs over the piece position within a segment and each step is one
-    gather over all segments still that long: several times faster than
-    ``np.add.reduceat`` along axis 0.
+    ``rows`` without a copy of the whole.
     """
     def at(positions):
         """The rows at these positions of the segments."""
@@ -614,19 +655,7 @@ def merge_segments(rows, counts, how, index=None):
     counts = np.asarray(counts, dtype=np.int64)
     filled = np.flatnonzero(counts)
     starts = (np.cumsum(counts) - counts)[filled]
-    sizes = counts[filled]
-    if how == "first":
-        merged = at(starts)
-    elif how == "last":
-        merged = at(starts + sizes - 1)
-    else:
-        merged = at(starts).astype(np.float32)
-        combine = np.maximum if how == "max" else np.add
-        for k in range(1, int(sizes.max(initial=1))):
-            longer = np.flatnonzero(sizes > k)
-            merged[longer] = combine(merged[longer], at(starts[longer] + k))
-        if how == "mean":
-            merged /= sizes[:, None]
+    merged = MERGE_FUNCTIONS[how](at, starts, counts[filled])
     if len(filled) == len(counts):
         return merged.astype(np.float32, copy=False)
     out = np.zeros((len(counts), rows.shape[1]), dtype=np.float32)
@@ -2111,7 +2140,7 @@ def build_parser():
                              "for a memory-mappable matrix plus NAME.offsets.npy, NAME.hdf5 or NAME.h5 for AllenNLP's "
                              "HDF5 layout (needs h5py)")
     parser.add_argument("--merge", choices=MERGES, default="mean",
-                        help="how a token's piece rows become one row: mean (default), last, first, sum or max")
+                        help=f"how a token's piece rows become one row: {', '.join(MERGES)} (default: mean)")
     server = parser.add_argument_group("server mode (bert-serving-server)")
     server.add_argument("--server", action="append", metavar="HOST[:PORT[:PORT_OUT]]",
                         help=f"a bert-serving-server; repeat to spread the work over several (PORT defaults to "
