@@ -75,6 +75,7 @@ MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq
 CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
 MODEL_CHUNK_BATCHES = 2   # embedded mode: a chunk of lines tokenized, sorted by length and held at once is this many batches
 FIRST_CHUNK_LINES = 512
+MODEL_DTYPES = ("float32", "float16", "bfloat16")   # --dtype of the forward pass; rows come out float32 whatever it is
 READ_STEP = 128           # lines read between looks for replies
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
 KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
@@ -98,7 +99,7 @@ PREFIX = "bert_token_embed"   # of every message on stderr
 MODE_OPTIONS = {
     "server": {"servers": None, "server": None, "ip": None, "port": None, "port_out": None,
                "timeout": DEFAULT_TIMEOUT, "in_flight": DEFAULT_IN_FLIGHT},
-    "model": {"layer": "-2", "device": "auto", "max_seq_len": None},
+    "model": {"layer": "-2", "device": "auto", "max_seq_len": None, "dtype": "float32"},
 }
 
 
@@ -654,22 +655,22 @@ def merge_last(at, starts, sizes):
 
 
 def fold_rows(at, starts, sizes, combine):
-    """Each segment's rows folded with ``combine`` (an element-wise numpy ufunc), in float32.
+    """Each segment's rows folded with ``combine(rows, more_rows)``.
 
     Segments are short (most tokens are one piece), so the loop runs over the piece
     position within a segment and each step is one gather over all segments still that
     long: several times faster than ``np.add.reduceat`` along axis 0.
     """
-    folded = at(starts).astype(np.float32)
-    for k in range(1, int(sizes.max(initial=1))):
-        longer = np.flatnonzero(sizes > k)
+    folded = at(starts)   # a gather: a new array, free to change
+    for k in range(1, int(sizes.max()) if len(sizes) else 1):
+        longer = sizes > k
         folded[longer] = combine(folded[longer], at(starts[longer] + k))
     return folded
 
 
 def merge_sum(at, starts, sizes):
     """Each segment's rows added up."""
-    return fold_rows(at, starts, sizes, np.add)
+    return fold_rows(at, starts, sizes, lambda rows, more: rows + more)
 
 
 def merge_mean(at, starts, sizes):
@@ -681,20 +682,23 @@ def merge_mean(at, starts, sizes):
 
 def merge_max(at, starts, sizes):
     """Each segment's element-wise maximum."""
-    return fold_rows(at, starts, sizes, np.maximum)
+    return fold_rows(at, starts, sizes, lambda rows, more: rows.clip(min=more))
 
 
-# --merge: a strategy is a function of (at, starts, sizes), where at(positions) gathers rows and
-# segment k (never empty) is the rows starts[k] .. starts[k] + sizes[k] - 1; the first is the default.
+# --merge: a strategy is a function of (at, starts, sizes), where at(positions) gathers float32 rows and
+# segment k (never empty) is the rows starts[k] .. starts[k] + sizes[k] - 1. It uses only indexing,
+# arithmetic and .clip, which numpy arrays and torch tensors share, so that the same function merges a
+# server's rows here and a model's rows on its device. The first strategy is the default.
 MERGE_FUNCTIONS = {"mean": merge_mean, "last": merge_last, "first": merge_first, "sum": merge_sum, "max": merge_max}
 MERGES = tuple(MERGE_FUNCTIONS)
 
 
 def merge_segments(rows, counts, how, index=None):
-    """One row per segment of consecutive rows (segment k has ``counts[k]`` rows), merged by MERGE_FUNCTIONS[how]; an empty segment gives a zero row.
+    """One float32 numpy row per segment of consecutive rows (segment k has ``counts[k]`` rows), merged by MERGE_FUNCTIONS[how]; an empty segment gives a zero row.
 
     The rows are ``rows[index]`` (``rows`` itself without an index), read straight from
-    ``rows`` without a copy of the whole.
+    ``rows`` without a copy of the whole. ``rows`` is a float32 numpy array, or a torch
+    tensor: then the merge runs on its device, and only the merged rows come back.
     """
     def at(positions):
         """The rows at these positions of the segments."""
@@ -702,8 +706,14 @@ def merge_segments(rows, counts, how, index=None):
 
     counts = np.asarray(counts, dtype=np.int64)
     filled = np.flatnonzero(counts)
-    starts = (np.cumsum(counts) - counts)[filled]
-    merged = MERGE_FUNCTIONS[how](at, starts, counts[filled])
+    starts, sizes = (np.cumsum(counts) - counts)[filled], counts[filled]
+    if not isinstance(rows, np.ndarray):   # a tensor: the segments go to its device
+        import torch
+        starts, sizes = torch.as_tensor(starts, device=rows.device), torch.as_tensor(sizes, device=rows.device)
+        index = None if index is None else torch.as_tensor(index, device=rows.device)
+    merged = MERGE_FUNCTIONS[how](at, starts, sizes)
+    if not isinstance(merged, np.ndarray):
+        merged = merged.cpu().numpy()
     if len(filled) == len(counts):
         return merged.astype(np.float32, copy=False)
     out = np.zeros((len(counts), rows.shape[1]), dtype=np.float32)
@@ -1469,7 +1479,9 @@ def hub_reachable():
 class LocalModel(Backend):
     """A Hugging Face model with a fast tokenizer, run in this process, mapping pieces to tokens with ``word_ids``."""
 
-    def __init__(self, name, layers, device, max_seq_len):
+    def __init__(self, name, layers, device, max_seq_len, dtype="float32"):
+        if dtype not in MODEL_DTYPES:
+            raise UsageError(f"--dtype {dtype}: choose one of {', '.join(MODEL_DTYPES)}")
         try:
             import torch
             import transformers
@@ -1510,11 +1522,11 @@ class LocalModel(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             self.device = torch.device(device)
-            self.model = model.to(self.device).eval()
+            self.model = model.to(self.device, dtype=getattr(torch, dtype)).eval()
         except (RuntimeError, AssertionError, ValueError) as err:
             raise UsageError(f"--device {device}: {str(err).splitlines()[0]}; use auto, cpu or cuda") from None
         self.tokenizer = tokenizer
-        self.layers = layers
+        self.layers, self.dtype = layers, dtype
         depth = model.config.num_hidden_layers
         if any(not -depth - 1 <= layer <= depth for layer in layers):
             raise UsageError(f"--layer {','.join(map(str, layers))}: model {name} has hidden states "
@@ -1545,7 +1557,11 @@ class LocalModel(Backend):
         return [(next(it_ids), next(it_words)) if tokens else ([], []) for tokens in lines]
 
     def forward(self, windows):
-        """Hidden-state rows (float32, numpy) of each window's pieces, special tokens removed."""
+        """The hidden states of the windows (lists of piece ids) as one float32 tensor on the model's device.
+
+        Window i's pieces are rows ``len(self.head)`` on of ``states[i]``; the rest is
+        special tokens and padding.
+        """
         torch = self.torch
         inputs = [self.head + list(w) + self.tail for w in windows]
         width = max(map(len, inputs))
@@ -1557,61 +1573,133 @@ class LocalModel(Backend):
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                              output_hidden_states=True)
-            states = torch.cat([out.hidden_states[layer] for layer in self.layers], dim=-1)
-            states = states.float().cpu().numpy()
-        h = len(self.head)
-        return [states[i, h:h + len(w)] for i, w in enumerate(windows)]
+            return torch.cat([out.hidden_states[layer] for layer in self.layers], dim=-1).float()
 
     def signature(self):
         """What decides the rows, for --resume."""
         return {"model": os.path.abspath(self.name) if os.path.isdir(self.name) else self.name,
-                "layers": list(self.layers), "limit": self.limit, "hidden": self.hidden}
+                "layers": list(self.layers), "limit": self.limit, "hidden": self.hidden, "dtype": self.dtype}
 
     def embed(self, sentences, how, batch_size, stats):
         """Yield one array per sentence, in order, from chunks of MODEL_CHUNK_BATCHES batches."""
         return embed_locally(sentences, self, how, batch_size, MODEL_CHUNK_BATCHES * batch_size, stats)
 
 
+class ReadAhead:
+    """A call run on a thread of its own, so that the caller goes on meanwhile; ``result()`` returns what it returned or raises what it raised.
+
+    The thread is a daemon: a run stopped early does not wait for it (it may be blocked
+    reading standard input).
+    """
+
+    def __init__(self, function):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self.call, args=(function,), daemon=True)
+        self.thread.start()
+
+    def call(self, function):
+        """Run the function, keeping its value or what it raised."""
+        try:
+            self.value = function()
+        except BaseException as err:   # handed to the caller by result()
+            self.error = err
+
+    def result(self):
+        """Wait for the call; its value, or raise what it raised."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def tokenized_chunks(sentences, model, chunk_lines):
+    """Yield (chunk of sentences, each one's (piece ids, word ids)), the next chunk read and tokenized while this one computes."""
+    sentences = iter(sentences)
+
+    def next_chunk():
+        """Read and tokenize the next chunk of lines."""
+        chunk = list(itertools.islice(sentences, chunk_lines))
+        return chunk, model.pieces(chunk)
+
+    coming = ReadAhead(next_chunk)
+    while True:
+        chunk, encoded = coming.result()
+        if not chunk:
+            return
+        coming = ReadAhead(next_chunk)
+        yield chunk, encoded
+
+
+class ModelWindow(collections.namedtuple("ModelWindow", "line start keep_from keep_to ids whole")):
+    """Pieces [start, start + len(ids)) of line ``line`` of a chunk, whose rows [keep_from, keep_to) are kept; ``whole``: the line's only window."""
+
+    __slots__ = ()
+
+
 def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
     """Yield one (tokens, hidden) array per sentence (a list of tokens), in order, from the in-process model.
 
-    A chunk of sentences is tokenized at once, cut into windows of at most the model's
-    length, sorted by length so batches carry little padding, and merged per token.
-    A sentence counts in ``stats`` once the batch with its last window is done.
+    A chunk of sentences is tokenized at once (the next one while this one computes),
+    cut into windows of at most the model's length and sorted by length, so batches
+    carry little padding. A line in one window is merged on the model's device, so only
+    its token rows come back; a longer line's kept piece rows come back, to be merged
+    once all its windows are done. A sentence counts in ``stats`` once its last window is.
     """
-    sentences = iter(sentences)
-    while True:
-        chunk = list(itertools.islice(sentences, chunk_lines))
-        if not chunk:
-            return
-        encoded = model.pieces(chunk)
-        rows = [np.zeros((len(ids), model.hidden), dtype=np.float32) for ids, _ in encoded]
+    for chunk, encoded in tokenized_chunks(sentences, model, chunk_lines):
         counts = [np.bincount(np.asarray(words, dtype=np.int64), minlength=len(tokens))
                   for tokens, (_, words) in zip(chunk, encoded)]
-        windows, per_line = [], []
+        merged = [None] * len(chunk)         # each line's token rows, once done
+        pieces = {}                          # a long line's piece rows, filled window by window
+        windows, planned_windows = [], []
         for k, (ids, words) in enumerate(encoded):
             planned = word_windows(words, model.limit)
-            per_line.append(len(planned))
-            windows.extend((k, start, keep_from, keep_to, ids[start:start + model.limit])
+            windows.extend(ModelWindow(k, start, keep_from, keep_to, ids[start:start + model.limit], len(planned) == 1)
                            for start, keep_from, keep_to in planned)
-            if not planned:
+            planned_windows.append(len(planned))
+            if len(planned) > 1:
+                pieces[k] = np.zeros((len(ids), model.hidden), dtype=np.float32)
+            elif not planned:
+                merged[k] = np.zeros((len(chunk[k]), model.hidden), dtype=np.float32)
                 stats.add(len(chunk[k]), len(chunk[k]), 0)
-        windows_left = list(per_line)
-        windows.sort(key=lambda w: len(w[4]))
-        for first, end in batch_bounds([len(w[4]) for w in windows], batch_size):
+        windows.sort(key=lambda w: len(w.ids))
+        windows_left = list(planned_windows)
+        for first, end in batch_bounds([len(w.ids) for w in windows], batch_size):
             batch = windows[first:end]
             try:
-                computed = model.forward([w[4] for w in batch])
+                states = model.forward([w.ids for w in batch])
             except RuntimeError as err:   # out of memory, mostly
                 raise RunError(f"the model failed on a batch of {len(batch)} windows ({str(err).splitlines()[0]}); "
                                f"a smaller --batch-size needs less memory") from None
-            for (k, start, keep_from, keep_to, _), states in zip(batch, computed):
-                rows[k][keep_from:keep_to] = states[keep_from - start:keep_to - start]
-                windows_left[k] -= 1
-                if not windows_left[k]:
-                    stats.add(len(chunk[k]), int((counts[k] == 0).sum()), per_line[k])
-        for piece_rows, token_counts in zip(rows, counts):
-            yield merge_segments(piece_rows, token_counts, how)
+            merge_batch(states, batch, len(model.head), counts, how, merged, pieces)
+            for w in batch:
+                windows_left[w.line] -= 1
+                if not windows_left[w.line]:
+                    stats.add(len(chunk[w.line]), int((counts[w.line] == 0).sum()), planned_windows[w.line])
+        for k, rows in pieces.items():
+            merged[k] = merge_segments(rows, counts[k], how)
+        yield from merged
+
+
+def merge_batch(states, batch, head, counts, how, merged, pieces):
+    """Merge the rows of one forward batch: whole lines on the model's device into ``merged``, long lines' kept pieces into ``pieces``.
+
+    ``states`` is the batch's (windows, width, hidden) tensor; a window's pieces start at
+    row ``head``; ``counts[k]`` are line k's tokens' piece counts.
+    """
+    whole = [(i, w) for i, w in enumerate(batch) if w.whole]
+    if whole:
+        width = states.shape[1]
+        index = np.concatenate([np.arange(len(w.ids)) + (i * width + head) for i, w in whole])
+        rows = merge_segments(states.reshape(-1, states.shape[2]), np.concatenate([counts[w.line] for _, w in whole]),
+                              how, index)
+        offset = 0
+        for _, w in whole:
+            merged[w.line] = rows[offset:offset + len(counts[w.line])]
+            offset += len(counts[w.line])
+    for i, w in enumerate(batch):
+        if not w.whole:
+            kept = states[i, head + w.keep_from - w.start:head + w.keep_to - w.start]
+            pieces[w.line][w.keep_from:w.keep_to] = kept.cpu().numpy()
 
 
 # ---------------------------------------------------------------- the Python API, which the command line runs too
@@ -1657,7 +1745,8 @@ def open_backend(model, servers, batch_size, settings, say=None):
     """The backend for ``model`` (a directory, a hub name or "minilm"), else for ``servers``, with its mode's settings."""
     if model is not None:
         path = packaged_model_path() if model == PACKAGED_MODEL else model
-        return LocalModel(path, layers_of(settings["layer"]), settings["device"], settings["max_seq_len"])
+        return LocalModel(path, layers_of(settings["layer"]), settings["device"], settings["max_seq_len"],
+                          settings["dtype"])
     servers = [servers] if isinstance(servers, str) else servers or [DEFAULT_HOST]
     return ServerPool([address_of(s) for s in servers], settings["timeout"], settings["in_flight"] * batch_size, say)
 
@@ -1674,10 +1763,10 @@ class TokenEmbedder:
     """
 
     def __init__(self, model=None, servers=None, *, merge="mean", batch_size=128, layer=None, device=None,
-                 max_seq_len=None, timeout=None, in_flight=None, say=None):
+                 max_seq_len=None, dtype=None, timeout=None, in_flight=None, say=None):
         if model is not None and servers is not None:
             raise UsageError("give a model or servers, not both")
-        settings = settings_of_mode(model, {"servers": servers, "layer": layer, "device": device,
+        settings = settings_of_mode(model, {"servers": servers, "layer": layer, "device": device, "dtype": dtype,
                                             "max_seq_len": max_seq_len, "timeout": timeout, "in_flight": in_flight})
         if merge not in MERGES:
             raise UsageError(f"--merge {merge}: choose one of {', '.join(MERGES)}")
@@ -2304,6 +2393,9 @@ def build_parser():
                        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default: auto)")
     local.add_argument("--max-seq-len", type=int, metavar="N",
                        help="longest window in pieces, special tokens included (default: the model's maximum)")
+    local.add_argument("--dtype", choices=MODEL_DTYPES,
+                       help="the forward pass's number type: float16 or bfloat16 run faster on a GPU; the rows are "
+                            "merged and written as float32 whatever it is (default: float32)")
     parser.add_argument("--batch-size", type=int, default=128, metavar="N",
                         help="server mode: sentences per request; embedded mode: windows (sentences, or parts of "
                              "long ones) per forward pass (default: 128)")
@@ -2545,9 +2637,9 @@ def run(args, stats):
         output = cleanup.enter_context(RunOutput(args))
         sentences = read_input(args, stream)
         embedder = cleanup.enter_context(TokenEmbedder(
-            args.model, server_addresses(args), merge=args.merge, batch_size=args.batch_size, layer=args.layer,
-            device=args.device, max_seq_len=args.max_seq_len, timeout=args.timeout, in_flight=args.in_flight,
-            say=None if args.quiet else note))
+            args.model, server_addresses(args), merge=args.merge, batch_size=args.batch_size,
+            layer=args.layer, device=args.device, max_seq_len=args.max_seq_len, dtype=args.dtype,
+            timeout=args.timeout, in_flight=args.in_flight, say=None if args.quiet else note))
         sentences, done = output.begin(sentences, embedder.backend,
                                        lambda: read_input(args, cleanup.enter_context(input_stream(args.input))))
         stats.resumed = done
