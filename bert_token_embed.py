@@ -1736,8 +1736,8 @@ def settings_of_mode(model, given):
     if wrong and mode == "model":
         raise UsageError(f"--model runs the model in this process; leave out {wrong}")
     if wrong:
-        raise UsageError(f"{wrong} go with --model; a server's layer and length are set by bert-serving-start "
-                         f"(-pooling_layer, -max_seq_len)")
+        raise UsageError(f"{wrong} go with --model; a server's layer, length and precision are set by "
+                         f"bert-serving-start (-pooling_layer, -max_seq_len, -fp16)")
     return {name: default if given.get(name) is None else given[name] for name, default in MODE_OPTIONS[mode].items()}
 
 
