@@ -12,7 +12,7 @@ def parsed(*argv):
 
 
 def test_each_mode_gets_its_own_defaults():
-    assert tool.settings_of_mode("m", {}) == {"layer": "-2", "device": "auto", "max_seq_len": None}
+    assert tool.settings_of_mode("m", {}) == {"layer": "-2", "device": "auto", "max_seq_len": None, "dtype": "float32"}
     server = tool.settings_of_mode(None, {"timeout": 5.0})
     assert (server["timeout"], server["in_flight"]) == (5.0, tool.DEFAULT_IN_FLIGHT)
 
