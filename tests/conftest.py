@@ -31,6 +31,11 @@ import bert_token_embed
 from bert_token_embed import ServerUnicode, basic_tokens
 from standin_server import VOCAB_UNCASED, StandinServer, make_cased_vocab
 
+# torch (imported after this file, by the embedded-mode tests) starts a compute thread per core; on a small
+# machine shared with other work the threads wait on each other, and the model tests took 3-4 times as long
+# (48 s against 14 s for test_model.py on 2 busy cores). One thread, unless the caller chose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bert_token_embed.py"
 SEPARATOR = "\t"  # what the tool joins a window's tokens with (bert_token_embed.SEPARATOR)
