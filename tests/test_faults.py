@@ -60,6 +60,7 @@ def test_a_server_that_dies_mid_run_fails_within_the_timeout(tmp_path, uncased_s
     assert_untouched(tmp_path, before)
 
 
+@pytest.mark.slow   # 2.5 s; the fast subset has test_servers' test of a server lost mid-run
 def test_surviving_servers_finish_the_work_of_a_dead_one(tmp_path, uncased_server, run_cli):
     source = lines_file(tmp_path, 80)
     with uncased_server(max_seq_len=None) as healthy, uncased_server(max_seq_len=None, die_after=1) as dying:

@@ -173,7 +173,8 @@ def test_roberta_pieces_map_to_the_user_tokens(tiny_roberta):
 
 # ---------------------------------------------------------------- both modes, one answer
 
-@pytest.mark.parametrize("how", tool.MERGES)
+@pytest.mark.parametrize("how", [how if how == "mean" else pytest.param(how, marks=pytest.mark.slow)
+                                 for how in tool.MERGES])   # the default merge in the fast subset, about 1 s each
 def test_server_mode_and_model_mode_agree(tmp_path, cli, how):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")

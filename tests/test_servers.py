@@ -169,6 +169,7 @@ def test_a_server_lost_mid_run_has_its_batches_sent_to_the_other(fast, uncased_s
     assert "warning" in err and "re-sent" in err
 
 
+@pytest.mark.slow   # 2 s; the fast subset has test_faults' test of a server that dies mid-run
 def test_the_only_server_lost_mid_run_exits_1_and_keeps_the_old_output(uncased_server, text, run_cli, tmp_path,
                                                                       expect):
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
