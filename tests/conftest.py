@@ -1,4 +1,5 @@
-"""Shared fixtures: stand-in servers, a CLI runner, and the rows a correct tool must write.
+"""Shared fixtures: stand-in servers, the command line run in-process or in a fresh process, the one pickle
+loader, and the rows a correct tool must write.
 
 The stand-in server (tests/standin_server.py) sends, for a piece at position ``pos`` of a
 sentence (position 0 is [CLS]), the row ``piece_vector(piece, pos)``.  The helpers here
@@ -156,7 +157,9 @@ def _run_cli_in_process(args, stdin=None, timeout=60):
     are printed to stderr as a fresh Python prints them; ``SystemExit`` (--help, --version)
     gives its status and an uncaught exception a traceback on stderr and status 1. A run
     longer than ``timeout`` gets SIGINT (the tool stops as on Ctrl-C) and raises
-    subprocess.TimeoutExpired. Must run in the main thread (the tool installs signal handlers).
+    subprocess.TimeoutExpired; a run the user stopped with Ctrl-C (status 130) raises
+    KeyboardInterrupt, so that pytest stops as it does when a Ctrl-C reaches both processes.
+    Must run in the main thread (the tool installs signal handlers).
     """
     argv = [str(arg) for arg in args]
     if isinstance(stdin, str):
@@ -201,6 +204,8 @@ def _run_cli_in_process(args, stdin=None, timeout=60):
         os.chdir(saved_cwd)
     if expired.is_set():
         raise subprocess.TimeoutExpired(argv, timeout, out.getvalue(), err.getvalue())
+    if status == 128 + signal.SIGINT:
+        raise KeyboardInterrupt(err.getvalue())
     return status, out.getvalue(), err.getvalue()
 
 
