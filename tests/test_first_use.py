@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SCRIPT, free_port_pair
+from conftest import REPO, SCRIPT, free_port_pair, load_pickle, server_args
 
 PREFIX = "bert_token_embed: error: "
 
@@ -44,6 +44,14 @@ def test_piped_input_without_dash_is_never_ignored(tmp_path):
         status, err, _ = run(["-o", tmp_path / "o.pkl"], stdin=redirected)
     assert status == 2 and "give - to read it" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_without_input_and_without_a_pipe_the_default_input_txt_is_read(tmp_path, run_cli, uncased_server):
+    """Standard input that is no pipe nor file (here run_cli's, like /dev/null) leaves the default: input.txt."""
+    with uncased_server(max_seq_len=None, hidden=4) as srv:
+        status, _, err = run_cli(["-o", tmp_path / "o.pkl", *server_args(srv), "-q"])
+    assert (status, err) == (0, "")
+    assert [a.shape for a in load_pickle(tmp_path / "o.pkl")] == [(3, 4), (2, 4)]   # Hello World ! / I'm hankcs
 
 
 def test_argparse_errors_have_the_one_prefix_and_one_line(tmp_path, timed):
