@@ -1,4 +1,5 @@
-"""Shared fixtures: stand-in servers, a CLI runner, and the rows a correct tool must write.
+"""Shared fixtures: stand-in servers, the command line run in-process or in a fresh process, the one pickle
+loader, and the rows a correct tool must write.
 
 The stand-in server (tests/standin_server.py) sends, for a piece at position ``pos`` of a
 sentence (position 0 is [CLS]), the row ``piece_vector(piece, pos)``.  The helpers here
@@ -8,11 +9,18 @@ rows.  For lines too long for one window, the positions are the tool's choice, s
 helpers check a token's row against every position it could legally have come from.
 """
 
+import contextlib
+import io
 import os
+import pickle
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,8 +28,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import bert_token_embed
 from bert_token_embed import ServerUnicode, basic_tokens
 from standin_server import VOCAB_UNCASED, StandinServer, make_cased_vocab
+
+# torch (imported after this file, by the embedded-mode tests) starts a compute thread per core; on a small
+# machine shared with other work the threads wait on each other, and the model tests took 3-4 times as long
+# (48 s against 14 s for test_model.py on 2 busy cores). One thread, unless the caller chose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bert_token_embed.py"
@@ -99,8 +113,12 @@ def server_args(*servers):
 
 # ---------------------------------------------------------------- the command line
 
-def _run_cli(args, stdin=None, timeout=60):
-    """Run ``python bert_token_embed.py ARGS`` from the repository root; return (returncode, stdout, stderr)."""
+def _run_cli_process(args, stdin=None, timeout=60):
+    """Run ``python bert_token_embed.py ARGS`` from the repository root; return (returncode, stdout, stderr).
+
+    For what only a fresh process shows: signals, a real pipe or file on standard input,
+    start-up through ``if __name__ == "__main__"``, missing modules, limits of the process.
+    """
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8")
     proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, input=stdin,
@@ -109,9 +127,106 @@ def _run_cli(args, stdin=None, timeout=60):
     return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
+def _show_warnings_as_a_fresh_python_would(stream):
+    """Inside catch_warnings: Python's default filters (the script as __main__), printed to ``stream``."""
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="bert_token_embed")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+    warnings.showwarning = show
+
+
+def _exit_status(code, stderr):
+    """The status a process exits with for ``sys.exit(code)`` (a message is printed, as Python does)."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=stderr)
+    return 1
+
+
+def _run_cli_in_process(args, stdin=None, timeout=60):
+    """Call ``bert_token_embed.main(ARGS)`` in this process, as ``_run_cli_process`` runs the script.
+
+    Returns (returncode, stdout, stderr) like it: standard input is ``stdin`` (bytes or str)
+    behind a fake ``sys.stdin`` whose ``.buffer`` is a BytesIO (and which has no file
+    descriptor, so it counts as no pipe, like /dev/null: the "pipe without -" rule needs a
+    real process); the working directory is the repository root during the call; warnings
+    are printed to stderr as a fresh Python prints them; ``SystemExit`` (--help, --version)
+    gives its status and an uncaught exception a traceback on stderr and status 1. A run
+    longer than ``timeout`` gets SIGINT (the tool stops as on Ctrl-C) and raises
+    subprocess.TimeoutExpired; a run the user stopped with Ctrl-C (status 130) raises
+    KeyboardInterrupt, so that pytest stops as it does when a Ctrl-C reaches both processes.
+    Must run in the main thread (the tool installs signal handlers).
+    """
+    argv = [str(arg) for arg in args]
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    fake_stdin = io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8")
+    expired, lock, running = threading.Event(), threading.Lock(), [True]
+
+    def expire():
+        with lock:
+            if running[0]:
+                expired.set()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    timer = threading.Timer(timeout, expire)
+    saved_stdin, saved_cwd, status = sys.stdin, os.getcwd(), None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            _show_warnings_as_a_fresh_python_would(err)
+            sys.stdin = fake_stdin
+            os.chdir(REPO)
+            timer.start()
+            try:
+                status = bert_token_embed.main(argv)
+            except SystemExit as exit_:
+                status = _exit_status(exit_.code, err)
+            except KeyboardInterrupt:
+                if not expired.is_set():
+                    raise
+            except Exception:   # what Python prints for an uncaught exception
+                traceback.print_exc()
+                status = 1
+            finally:
+                with lock:
+                    running[0] = False
+                timer.cancel()
+    except KeyboardInterrupt:   # the timeout's SIGINT, arrived after the tool put back the handlers
+        if not expired.is_set():
+            raise
+    finally:
+        sys.stdin = saved_stdin
+        os.chdir(saved_cwd)
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(argv, timeout, out.getvalue(), err.getvalue())
+    if status == 128 + signal.SIGINT:
+        raise KeyboardInterrupt(err.getvalue())
+    return status, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def run_cli():
-    return _run_cli
+    """``run_cli(ARGS, stdin=None, timeout=60)`` -> (returncode, stdout, stderr): the command line, in this process."""
+    return _run_cli_in_process
+
+
+@pytest.fixture(scope="session")
+def run_cli_process():
+    """``run_cli_process(ARGS, stdin=None, timeout=60)``: the same, in a fresh ``python bert_token_embed.py``."""
+    return _run_cli_process
+
+
+def load_pickle(path):
+    """The list that a .pkl output holds: one pickle, nothing after it."""
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+        assert f.read() == b"", f"{path}: one pickle, nothing after it"
+    return data
 
 
 def listing(directory):

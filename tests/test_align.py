@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bert_token_embed import (DONE, MERGES, SEPARATOR, PieceCounter, Sentence, Unit, align, basic_tokens,
-                              counts_from_known_pieces, merge_segments, token_rows)
+                              counts_from_known_pieces, merge_segments, sendable, token_rows)
+from conftest import merge_reference
 
 UNCASED, CASED = True, False
 
@@ -113,20 +114,29 @@ def test_lone_combining_accent_has_pieces_only_when_cased(tokenizers):
     assert align([basic_tokens(t, False) for t in tokens], server_pieces(tokenizers[(CASED, None)], tokens)) == [1, 1, 1]
 
 
-def test_literal_special_tokens_are_text(tokenizers):
-    srv = tokenizers[(UNCASED, None)]
-    pieces = server_pieces(srv, ["[CLS]", "[SEP]"])
-    assert "[CLS]" not in pieces and "[SEP]" not in pieces
-    assert pieces[0] == "[" and pieces[-1] == "]"
-    assert align([basic_tokens(t, True) for t in ["[CLS]", "[SEP]"]], pieces) == [4, 3]   # "[", "cl", "##s", "]"
+@pytest.mark.parametrize("lowercase", [UNCASED, CASED], ids=["uncased", "cased"])
+def test_literal_special_tokens_are_text(tokenizers, lowercase):
+    """The tool takes "[CLS]" in the input for text, as the server does (the stand-in's own test,
+    test_literal_special_tokens_are_split_like_text, shows the server's pieces)."""
+    srv = tokenizers[(lowercase, None)]
+    tokens = ["[CLS]", "[SEP]"]
+    expected = [basic_tokens(t, lowercase) for t in tokens]
+    assert expected == ([("[", "cls", "]"), ("[", "sep", "]")] if lowercase else [("[", "CLS", "]"), ("[", "SEP", "]")])
+    counts = align(expected, server_pieces(srv, tokens))
+    assert counts == own_counts(srv, tokens)
+    if lowercase:
+        assert counts == [4, 3]   # "[", "cl", "##s", "]" and "[", "sep", "]"
 
 
-def test_a_pipe_token_does_not_make_a_sentence_pair(tokenizers):
+@pytest.mark.parametrize("tokens", [["a", "|||", "b"], ["a ||| b", "c"], ["x", "", "|||"]])
+def test_what_the_tool_sends_for_pipe_tokens_is_one_sentence_not_a_pair(tokenizers, tokens):
+    """A server reads "A ||| B" as a sentence pair (the stand-in's test_sentence_pair_and_tab_separated_bars);
+    the tool's text (sendable's tokens joined by SEPARATOR) never makes one, even for a token holding spaces."""
     srv = tokenizers[(UNCASED, None)]
-    tokens = ["a", "|||", "b"]
-    assert srv.tokenize(SEPARATOR.join(tokens)).count("[SEP]") == 1
-    # What a space separator would do: the server reads a pair (two [SEP]) and the pipes vanish.
-    assert srv.tokenize(" ".join(tokens)).count("[SEP]") == 2
+    sent = sendable(tokens)
+    pieces = srv.tokenize(SEPARATOR.join(sent))
+    assert pieces.count("[SEP]") == 1 and pieces.count("|") == 3 * sum(t.count("|||") for t in tokens)
+    assert align([basic_tokens(t, True) for t in sent], pieces[1:-1]) == own_counts(srv, sent)
 
 
 # ---------------------------------------------------------------- align: mismatch and truncation
@@ -206,23 +216,10 @@ def test_a_count_learnt_after_the_counter_was_cleared_is_kept():
 # ---------------------------------------------------------------- merging
 
 def reference_segments(rows, counts, how):
-    """One row per segment with a Python loop over rows, in float64; zero row for an empty segment."""
-    out, start = [], 0
-    for count in counts:
-        segment = [rows[start + j].astype(np.float64) for j in range(count)]
-        start += count
-        if not segment:
-            out.append(np.zeros(rows.shape[1]))
-        elif how == "first":
-            out.append(segment[0])
-        elif how == "last":
-            out.append(segment[-1])
-        else:
-            acc = segment[0].copy()
-            for row in segment[1:]:
-                acc = np.maximum(acc, row) if how == "max" else acc + row
-            out.append(acc / count if how == "mean" else acc)
-    return np.array(out).reshape(len(counts), rows.shape[1])
+    """One row per segment of ``counts`` rows, each merged by conftest's merge_reference (a zero row for none)."""
+    ends = np.cumsum(counts, dtype=int)
+    return np.array([merge_reference(rows[end - count:end], how, rows.shape[1]) for count, end in zip(counts, ends)]
+                    ).reshape(len(counts), rows.shape[1])
 
 
 @pytest.mark.parametrize("how", MERGES)

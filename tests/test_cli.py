@@ -1,15 +1,18 @@
-"""End to end: `python bert_token_embed.py ...` in a subprocess, the real bert-serving-client, stand-in servers on loopback."""
+"""The command line end to end: `bert_token_embed.main(ARGS)` in this process (a few runs start
+`python bert_token_embed.py` afresh), the real bert-serving-client, stand-in servers on loopback."""
 
 import os
-import pickle
 import re
+import signal
+import socket
 import stat
+import subprocess
 
 import numpy as np
 import pytest
 
-from bert_token_embed import MERGES
-from conftest import free_port_pair
+from bert_token_embed import MERGES, __version__
+from conftest import REPO, free_port_pair, load_pickle, merge_reference
 
 HELLO = "Hello World !\nI'm hankcs\n"
 
@@ -27,19 +30,22 @@ def tables(srv, expect):
 
 
 @pytest.fixture
-def embed(srv, run_cli, tmp_path, expect):
-    """Run the CLI on some text against ``srv`` (or given servers); return (arrays, stderr)."""
-    def embed_text(text, *args, servers=(), stdin=None, name="out.pkl"):
+def embed(srv, run_cli, run_cli_process, tmp_path, expect):
+    """Run the CLI on some text against ``srv`` (or given servers); return (arrays, stderr).
+
+    ``stdin=True`` gives the text on standard input ("-"); ``process=True`` runs a fresh Python.
+    """
+    def embed_text(text, *args, servers=(), stdin=None, name="out.pkl", process=False):
         source = tmp_path / "in.txt"
         if isinstance(text, str):
             text = text.encode("utf-8")
         source.write_bytes(text)
         out = tmp_path / name
-        rc, _, err = run_cli(["-" if stdin else source, "-o", out, *expect.server_args(*(servers or [srv])), *args],
-                             stdin=text if stdin else None)
+        rc, _, err = (run_cli_process if process else run_cli)(
+            ["-" if stdin else source, "-o", out, *expect.server_args(*(servers or [srv])), *args],
+            stdin=text if stdin else None)
         assert rc == 0, err
-        with open(out, "rb") as f:
-            return pickle.load(f), err
+        return load_pickle(out), err
     return embed_text
 
 
@@ -63,11 +69,10 @@ def test_input_txt_every_merge_exact(srv, embed, expect, how):
     # "Hello World !" -> hello world !, one piece each, at positions 1, 2, 3.
     np.testing.assert_allclose(arrays[0], np.stack([v("hello", 1), v("world", 2), v("!", 3)]), rtol=1e-6, atol=1e-6)
     # "I'm hankcs" -> i ' m | hank ##cs, positions 1-3 and 4-5.
-    im = np.stack([v("i", 1), v("'", 2), v("m", 3)]).astype(np.float64)
-    hankcs = np.stack([v("hank", 4), v("##cs", 5)]).astype(np.float64)
-    merge = {"mean": lambda r: r.mean(0), "sum": lambda r: r.sum(0), "first": lambda r: r[0],
-             "last": lambda r: r[-1], "max": lambda r: r.max(0)}[how]
-    np.testing.assert_allclose(arrays[1], np.stack([merge(im), merge(hankcs)]), rtol=1e-5, atol=1e-6)
+    im = [v("i", 1), v("'", 2), v("m", 3)]
+    hankcs = [v("hank", 4), v("##cs", 5)]
+    np.testing.assert_allclose(arrays[1], np.stack([merge_reference(im, how, 64), merge_reference(hankcs, how, 64)]),
+                               rtol=1e-5, atol=1e-6)
     for line, array in zip(HELLO.splitlines(), arrays):
         np.testing.assert_allclose(array, expect.line(srv, line, how), rtol=1e-5, atol=1e-6)
 
@@ -163,6 +168,16 @@ def test_standard_input(embed):
     from_stdin, _ = embed(HELLO, stdin=True)
     assert len(from_stdin) == 2
     for a, b in zip(from_file, from_stdin):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_fresh_process_reads_a_real_pipe_and_writes_what_main_writes(embed):
+    """End to end as a user runs it: ``python bert_token_embed.py - ...`` with a pipe on standard input."""
+    in_process, _ = embed(HELLO)
+    piped, err = embed(HELLO, stdin=True, process=True)
+    assert err.strip().splitlines()[-1].startswith("2 lines, 5 tokens")
+    assert len(piped) == 2
+    for a, b in zip(in_process, piped):
         np.testing.assert_array_equal(a, b)
 
 
@@ -353,8 +368,7 @@ def test_success_replaces_existing_output_and_leaves_no_temporary_file(srv, run_
     rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(srv)])
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.pkl"]
-    with open(tmp_path / "out.pkl", "rb") as f:
-        assert len(pickle.load(f)) == 2
+    assert len(load_pickle(tmp_path / "out.pkl")) == 2
 
 
 def test_output_file_gets_the_usual_permissions(srv, run_cli, tmp_path, expect):
@@ -384,15 +398,33 @@ def test_quiet_silences_everything(srv, run_cli, tmp_path, expect):
     assert rc == 0 and out == "" and err == ""
 
 
-def test_help_exits_0():
-    import subprocess
-    import sys
-    from conftest import REPO, SCRIPT
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0
+def test_help_exits_0(run_cli_process):
+    """In a fresh process: argparse's exit through ``sys.exit(main())`` at the script's end."""
+    rc, out, err = run_cli_process(["--help"])
+    assert rc == 0 and err == ""
     for option in ("--merge", "--server", "--ip", "--port", "--port-out", "--batch-size", "--timeout", "-q",
                    "--input-format conllu", "--stack-layers", "--model minilm", "-o ud.hdf5"):
-        assert option in proc.stdout
+        assert option in out
+
+
+def test_version_exits_0(run_cli):
+    assert run_cli(["--version"]) == (0, f"bert_token_embed.py {__version__}\n", "")
+
+
+def test_a_run_stopped_by_sigint_in_process_says_so_and_puts_back_the_signal_handlers(run_cli, tmp_path):
+    """The runner's timeout sends SIGINT: main stops as on Ctrl-C and leaves the handlers it found."""
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    with socket.socket() as listener:   # accepts connections and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(subprocess.TimeoutExpired) as caught:
+            run_cli([REPO / "input.txt", "-o", tmp_path / "o.pkl", "--server", f"127.0.0.1:{port}:{port}",
+                     "--timeout", "30"], timeout=1)
+    assert caught.value.stderr.splitlines()[-1] == (f"bert_token_embed: interrupted after 0 lines; {tmp_path / 'o.pkl'} "
+                                                    f"was left as it was; --resume keeps partial work of long runs")
+    assert {number: signal.getsignal(number) for number in before} == before
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_option_exits_2(run_cli):
@@ -476,5 +508,4 @@ def test_utf8_sig_drops_only_the_leading_bom(uncased_server, run_cli, tmp_path):
         rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--encoding", "utf-8-sig", "-q",
                               "--server", f"127.0.0.1:{srv.port}:{srv.port_out}"])
     assert rc == 0, err
-    with open(tmp_path / "out.pkl", "rb") as f:
-        assert [a.shape for a in pickle.load(f)] == [(2, 4), (2, 4)]   # line 2 is "\ufeff c": two tokens
+    assert [a.shape for a in load_pickle(tmp_path / "out.pkl")] == [(2, 4), (2, 4)]   # line 2 is "\ufeff c": two tokens

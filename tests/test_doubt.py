@@ -5,7 +5,6 @@ that Unicode 11.0 lacks; its request counter counts what the tool sends.
 """
 
 import math
-import pickle
 import unicodedata
 
 import numpy as np
@@ -14,6 +13,7 @@ import unicode_age
 
 from bert_token_embed import (OUR_UNICODE, PieceCounter, PieceQuestions, Sentence, ServerUnicode, Window,
                               basic_tokens, unicode_of_python)
+from conftest import load_pickle
 from standin_server import PYTHON_37
 
 PLAIN_WORDS = ["the", "cat", "sat", "on", "mat", "hankcs", "naive", "beijing", "lol", "today"]
@@ -144,8 +144,8 @@ def run_counted(srv, run_cli, tmp_path, text, *extra):
                           "--server", f"127.0.0.1:{srv.port}:{srv.port_out}", *extra])
     assert rc == 0, err
     after = srv.stats
-    with open(tmp_path / "out.pkl", "rb") as f:
-        return pickle.load(f), after["requests"] - before["requests"], after["sentences"] - before["sentences"], err
+    return (load_pickle(tmp_path / "out.pkl"), after["requests"] - before["requests"],
+            after["sentences"] - before["sentences"], err)
 
 
 def test_emoji_text_costs_no_more_requests_than_plain_text(standin, run_cli, tmp_path, expect):

@@ -1,7 +1,6 @@
 """Faults and hostile input: nothing hangs, nothing is lost, every failure is one line that says what to do."""
 
 import os
-import pickle
 import resource
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, SCRIPT, listing, server_args
+from conftest import REPO, SCRIPT, listing, load_pickle, server_args
 
 OLD = b"an existing output that must survive\n"
 
@@ -42,11 +41,6 @@ def one_line(stderr):
     return lines[0]
 
 
-def load(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
 # ---------------------------------------------------------------- servers that die, stall, or talk nonsense
 
 def test_a_server_that_dies_mid_run_fails_within_the_timeout(tmp_path, uncased_server, run_cli):
@@ -66,6 +60,7 @@ def test_a_server_that_dies_mid_run_fails_within_the_timeout(tmp_path, uncased_s
     assert_untouched(tmp_path, before)
 
 
+@pytest.mark.slow   # 2.5 s; the fast subset has test_servers' test of a server lost mid-run
 def test_surviving_servers_finish_the_work_of_a_dead_one(tmp_path, uncased_server, run_cli):
     source = lines_file(tmp_path, 80)
     with uncased_server(max_seq_len=None) as healthy, uncased_server(max_seq_len=None, die_after=1) as dying:
@@ -75,7 +70,7 @@ def test_surviving_servers_finish_the_work_of_a_dead_one(tmp_path, uncased_serve
         assert "sent no reply for 2 s" in err and "re-sent after a server was lost" in err
         status, _, err = run_cli([source, "-o", tmp_path / "one.pkl", *server_args(healthy), "-q"])
         assert status == 0, err
-    two, one = load(tmp_path / "two.pkl"), load(tmp_path / "one.pkl")
+    two, one = load_pickle(tmp_path / "two.pkl"), load_pickle(tmp_path / "one.pkl")
     assert len(two) == len(one) == 80
     for a, b in zip(two, one):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -88,7 +83,7 @@ def test_a_slow_server_is_not_taken_for_a_dead_one(tmp_path, uncased_server, run
                                   "--in-flight", "4", "--timeout", "1.5", "-q"])
     # Four batches of 0.6 s each, all sent at once, take 2.4 s: longer than the timeout, each reply well within it.
     assert status == 0, err
-    assert len(load(tmp_path / "out.pkl")) == 8
+    assert len(load_pickle(tmp_path / "out.pkl")) == 8
 
 
 def test_a_dropped_reply_fails_after_the_timeout(tmp_path, uncased_server, run_cli):
@@ -226,7 +221,7 @@ def test_empty_blank_and_nul_inputs(tmp_path, uncased_server, run_cli, content, 
     with uncased_server(max_seq_len=None, hidden=4) as srv:
         status, _, err = run_cli([source, "-o", tmp_path / "out.pkl", *server_args(srv), "-q"])
     assert status == 0, err
-    got = load(tmp_path / "out.pkl")
+    got = load_pickle(tmp_path / "out.pkl")
     assert [a.shape[:1] for a in got] == shapes
     assert all(a.shape[1:] == (4,) for a in got)
     if content.startswith(b"a\x00"):
@@ -242,7 +237,7 @@ def test_a_one_megabyte_line(tmp_path, uncased_server, run_cli):
     with uncased_server(max_seq_len=None, hidden=4) as srv:
         status, _, err = run_cli([source, "-o", tmp_path / "out.pkl", *server_args(srv)], timeout=300)
     assert status == 0, err
-    got = load(tmp_path / "out.pkl")
+    got = load_pickle(tmp_path / "out.pkl")
     assert [a.shape for a in got] == [(170_000, 4), (2, 4)]
     assert not (got[0] == 0).all(axis=1).any()
     assert "1 line needed extra windows" in err
@@ -255,7 +250,7 @@ def test_carriage_return_line_ends_are_not_line_ends(tmp_path, uncased_server, r
         status, _, err = run_cli([source, "-o", tmp_path / "out.pkl", *server_args(srv), "-q"])
     assert status == 0
     assert "carriage return" in err and "only \\n ends a line" in err
-    assert [a.shape for a in load(tmp_path / "out.pkl")] == [(5, 4)]
+    assert [a.shape for a in load_pickle(tmp_path / "out.pkl")] == [(5, 4)]
 
 
 # ---------------------------------------------------------------- resuming
@@ -303,7 +298,7 @@ def test_resume_starts_over_when_the_input_changed(tmp_path, uncased_server, run
         status, _, err = run_cli([source, "-o", out, *server_args(srv), "--resume"])
         assert status == 0, err
         assert "changed since" in err and "starting over" in err and "continued after" not in err
-        got = load(out)
+        got = load_pickle(out)
     assert len(got) == 3001 and got[0].shape == (4, 4)
 
 

@@ -7,18 +7,32 @@ import time
 
 import pytest
 
-from conftest import REPO, SCRIPT, free_port_pair
+from conftest import REPO, SCRIPT, free_port_pair, load_pickle, server_args
 
 PREFIX = "bert_token_embed: error: "
 
 
 def run(args, stdin=subprocess.DEVNULL, env=None, code=None, timeout=120):
-    """Run the script (or ``code`` that runs it) in a subprocess; return (status, stderr, seconds)."""
+    """Run the script (or ``code`` that runs it) in a subprocess; return (status, stderr, seconds).
+
+    Only for what needs a fresh process: a real pipe or file on standard input, another
+    environment, a module made missing before the script starts. The rest uses ``run_cli``.
+    """
     command = [sys.executable, "-c", code] if code else [sys.executable, str(SCRIPT)]
     started = time.monotonic()
     proc = subprocess.run([*command, *map(str, args)], stdin=stdin, capture_output=True, timeout=timeout,
                           env=env, cwd=REPO)
     return proc.returncode, proc.stderr.decode("utf-8", "replace"), time.monotonic() - started
+
+
+@pytest.fixture
+def timed(run_cli):
+    """``timed(ARGS)`` -> (status, stderr, seconds) of the command line in this process."""
+    def run_timed(args):
+        started = time.monotonic()
+        status, _, err = run_cli(args)
+        return status, err, time.monotonic() - started
+    return run_timed
 
 
 def test_piped_input_without_dash_is_never_ignored(tmp_path):
@@ -32,19 +46,27 @@ def test_piped_input_without_dash_is_never_ignored(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_argparse_errors_have_the_one_prefix_and_one_line(tmp_path):
+def test_without_input_and_without_a_pipe_the_default_input_txt_is_read(tmp_path, run_cli, uncased_server):
+    """Standard input that is no pipe nor file (here run_cli's, like /dev/null) leaves the default: input.txt."""
+    with uncased_server(max_seq_len=None, hidden=4) as srv:
+        status, _, err = run_cli(["-o", tmp_path / "o.pkl", *server_args(srv), "-q"])
+    assert (status, err) == (0, "")
+    assert [a.shape for a in load_pickle(tmp_path / "o.pkl")] == [(3, 4), (2, 4)]   # Hello World ! / I'm hankcs
+
+
+def test_argparse_errors_have_the_one_prefix_and_one_line(tmp_path, timed):
     for args, words in [(["--bogus"], "unrecognized arguments: --bogus"),
                         (["--merge", "median"], "argument --merge: invalid choice: 'median'"),
                         (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'")]:
-        status, err, _ = run([REPO / "input.txt", "-o", tmp_path / "o.pkl", *args])
+        status, err, _ = timed([REPO / "input.txt", "-o", tmp_path / "o.pkl", *args])
         assert status == 2
         assert err.startswith(PREFIX + words) and err.endswith("(see bert_token_embed.py -h)\n")
         assert err.count("\n") == 1
 
 
-def test_no_server_says_where_it_connects_and_how_to_do_without_one(tmp_path):
+def test_no_server_says_where_it_connects_and_how_to_do_without_one(tmp_path, timed):
     port = free_port_pair()
-    status, err, seconds = run([REPO / "input.txt", "-o", tmp_path / "o.pkl", "--port", port, "--port-out", port + 1])
+    status, err, seconds = timed([REPO / "input.txt", "-o", tmp_path / "o.pkl", "--port", port, "--port-out", port + 1])
     note, error = err.splitlines()
     assert note == (f"bert_token_embed: connecting to bert-serving-server localhost:{port}:{port + 1} "
                     f"(waiting at most 15 s for its answer)")
@@ -55,14 +77,14 @@ def test_no_server_says_where_it_connects_and_how_to_do_without_one(tmp_path):
     assert status == 2 and seconds < 10   # nothing listens: no 15 s wait
 
 
-def test_a_server_that_accepts_but_never_answers_is_named_after_the_wait(tmp_path):
+def test_a_server_that_accepts_but_never_answers_is_named_after_the_wait(tmp_path, timed):
     import socket
     with socket.socket() as listener:   # a TCP port that accepts connections and says nothing
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        status, err, seconds = run([REPO / "input.txt", "-o", tmp_path / "o.pkl", "--server", f"127.0.0.1:{port}:{port}",
-                                    "--timeout", "1", "-q"])
+        status, err, seconds = timed([REPO / "input.txt", "-o", tmp_path / "o.pkl", "--server",
+                                      f"127.0.0.1:{port}:{port}", "--timeout", "1", "-q"])
     assert status == 2 and seconds < 30
     assert err == (PREFIX + f"no bert-serving-server at 127.0.0.1:{port}:{port} (none answered within 1 s); start one "
                             f"with: bert-serving-start -model_dir MODEL_DIR -pooling_strategy NONE "
@@ -70,14 +92,15 @@ def test_a_server_that_accepts_but_never_answers_is_named_after_the_wait(tmp_pat
                             f"a server: --model minilm\n")
 
 
-def test_input_problems_come_before_a_model_loads_or_a_server_is_asked(tmp_path):
+def test_input_problems_come_before_a_model_loads_or_a_server_is_asked(tmp_path, timed):
     (tmp_path / "in.txt").write_bytes(b"fine\n\xe9t\xe9\n")
     expected = PREFIX + f"{tmp_path / 'in.txt'}: line 2 is not valid utf-8 (byte offset 5): use --encoding to name " \
                         f"the file's encoding, or --errors replace to go on\n"
     port = free_port_pair()
-    status, err, _ = run([tmp_path / "in.txt", "-o", tmp_path / "o.pkl", "--port", port, "-q"])
+    status, err, _ = timed([tmp_path / "in.txt", "-o", tmp_path / "o.pkl", "--port", port, "-q"])
     assert (status, err) == (2, expected)   # not the no-server error
-    # Without torch a model cannot load at all: the input's problem still comes first.
+    # Without torch (a fresh process where it is missing) a model cannot load at all: the input's problem still
+    # comes first.
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['bert_token_embed.py'] + sys.argv[1:]; "
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
     status, err, _ = run([tmp_path / "in.txt", "-o", tmp_path / "o.pkl", "--model", "minilm"], code=code)

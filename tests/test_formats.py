@@ -1,13 +1,12 @@
 """Input formats (plain, CoNLL-U, CoNLL-2003) and output formats (.pkl/.pickle, .npy, .hdf5/.h5), through the command line."""
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 
 import bert_token_embed as tool
-from conftest import REPO
+from conftest import REPO, load_pickle
 
 CONLLU = """\
 # sent_id = 1
@@ -81,8 +80,7 @@ def run(run_cli, expect, srv, tmp_path, text, *args, name="out.pkl"):
 def test_conllu_over_a_server_embeds_the_files_own_tokens(srv, run_cli, expect, tmp_path):
     status, err = run(run_cli, expect, srv, tmp_path, CONLLU, "--input-format", "conllu")
     assert status == 0, err
-    with open(tmp_path / "out.pkl", "rb") as f:
-        got = pickle.load(f)
+    got = load_pickle(tmp_path / "out.pkl")
     assert [a.shape for a in got] == [(6, 8), (3, 8)]
     np.testing.assert_allclose(got[0], expect.line(srv, "Vamos nos a el mar .", "mean"), rtol=1e-5, atol=1e-6)
     [api] = tool.embed([["New York", "sleeps", "|||"]], servers=f"127.0.0.1:{srv.port}:{srv.port_out}")
@@ -92,8 +90,7 @@ def test_conllu_over_a_server_embeds_the_files_own_tokens(srv, run_cli, expect, 
 def test_conll_in_the_cli(srv, run_cli, expect, tmp_path):
     status, err = run(run_cli, expect, srv, tmp_path, CONLL2003, "--input-format", "conll")
     assert status == 0, err
-    with open(tmp_path / "out.pkl", "rb") as f:
-        got = pickle.load(f)
+    got = load_pickle(tmp_path / "out.pkl")
     np.testing.assert_allclose(got[1], expect.line(srv, "Peter Blackburn", "mean"), rtol=1e-5, atol=1e-6)
     assert len(got) == 2
 
@@ -113,8 +110,7 @@ def test_a_bad_conllu_file_fails_in_one_line_before_any_server_is_asked(run_cli,
 def test_pickle_by_either_name(srv, run_cli, expect, tmp_path, name):
     status, err = run(run_cli, expect, srv, tmp_path, "Hello World !\n", name=name)
     assert status == 0, err
-    with open(tmp_path / name, "rb") as f:
-        [got] = pickle.load(f)
+    [got] = load_pickle(tmp_path / name)
     np.testing.assert_allclose(got, expect.line(srv, "Hello World !", "mean"), rtol=1e-5, atol=1e-6)
 
 
@@ -176,13 +172,11 @@ def test_stack_layers_needs_hdf5_and_several_layers(run_cli, tmp_path):
     assert status == 2 and "--stack-layers goes with several --layer" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_stack_layers_writes_layers_tokens_hidden(tmp_path):
-    common = [str(REPO / "input.txt"), "--model", "minilm", "--layer", "-1,-2", "--device", "cpu", "-q"]
-    assert tool.main([*common, "--stack-layers", "-o", str(tmp_path / "o.hdf5")]) == 0
-    assert tool.main([*common, "-o", str(tmp_path / "o.pkl")]) == 0
-    with open(tmp_path / "o.pkl", "rb") as f:
-        concatenated = pickle.load(f)
+def test_stack_layers_writes_layers_tokens_hidden(run_cli, tmp_path):
+    common = [REPO / "input.txt", "--model", "minilm", "--layer", "-1,-2", "--device", "cpu", "-q"]
+    assert run_cli([*common, "--stack-layers", "-o", tmp_path / "o.hdf5"]) == (0, "", "")
+    assert run_cli([*common, "-o", tmp_path / "o.pkl"]) == (0, "", "")
+    concatenated = load_pickle(tmp_path / "o.pkl")
     with h5py.File(tmp_path / "o.hdf5", "r") as f:
         stacked = [f["0"][()], f["1"][()]]
     assert [a.shape for a in stacked] == [(2, 3, 384), (2, 2, 384)]

@@ -1,7 +1,6 @@
 """Fuzzing the whole command line: any file either gives an output that keeps the contract, or exit 2 and one line."""
 
 import codecs
-import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 import bert_token_embed as tool
 
 pytestmark = pytest.mark.slow
-from conftest import server_args, token_pieces
+from conftest import load_pickle, server_args, token_pieces
 
 EXAMPLES = 150   # per casing: 300 generated files in all
 
@@ -81,8 +80,7 @@ def test_any_file_keeps_the_contract_or_fails_in_one_line(fuzz_server, tmp_path_
             return
         assert status == 0, err
         seen["ok"] += 1
-        with open(out, "rb") as f:
-            arrays = pickle.load(f)
+        arrays = load_pickle(out)
         assert len(arrays) == len(lines)
         for line, array in zip(lines, arrays):
             tokens = line.split()

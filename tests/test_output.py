@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bert_token_embed as tool
+from conftest import load_pickle
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +44,6 @@ def outputs(srv, text, run_cli, tmp_path_factory, expect):
         rc, _, err = run_cli([directory / "in.txt", "-o", directory / name, "-q", *expect.server_args(srv)])
         assert rc == 0, err
     return directory
-
-
-def load_pickle(path):
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-        assert f.read() == b"", "one pickle, nothing after it"
-    return data
 
 
 def test_streamed_pickle_is_one_list_of_the_lines(srv, text, outputs, expect):

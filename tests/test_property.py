@@ -18,12 +18,14 @@ derandomized examples of 1-6 lines (about 550 lines) for the main property;
 HYPOTHESIS_PROFILE=thorough gives 1500 fresh ones.
 """
 
+import collections
+
 import pytest
 from hypothesis import Phase, example, given, note, settings, strategies as st
 
 import bert_token_embed
 
-pytestmark = pytest.mark.slow   # with test_property_saw_a_few_hundred_lines, which counts the others' lines
+pytestmark = pytest.mark.slow   # with test_the_tools_counters_saw_every_kind_of_line, which sums the others' counts
 from bert_token_embed import MERGES, ServerPool, Stats
 
 CONFIGS = [(lower, msl) for lower in (True, False) for msl in (25, None)]
@@ -130,23 +132,32 @@ def line(extra=None):
     return parts.map(build)
 
 
-def run_and_check(state, expect, lines, config, how, batch_size, chunk_lines):
+# What the tool's own counters (its summary line's) said over this session's examples, and examples per test.
+SEEN = collections.Counter()
+
+
+def run_and_check(state, expect, lines, config, how, batch_size, chunk_lines, test):
+    """Embed ``lines`` as the tool does; check every row, and the counts the tool's summary reports."""
     srv, pool, tables = pool_for(state, config)
     note(f"config={config} how={how} batch_size={batch_size} chunk_lines={chunk_lines}")
-    arrays = list(bert_token_embed.embed_via_servers((line.split() for line in lines), pool, how, batch_size, chunk_lines, Stats()))
+    stats = Stats()
+    arrays = list(bert_token_embed.embed_via_servers((line.split() for line in lines), pool, how, batch_size,
+                                                     chunk_lines, stats))
     assert len(arrays) == len(lines)
     for text, array in zip(lines, arrays):
         expect.check_line(srv, tables, text, array, how)
-
-
-LINES_SEEN = []
+    pieces = [[expect.token_pieces(srv, token, tables.limit) for token in text.split()] for text in lines]
+    assert (stats.lines, stats.tokens) == (len(lines), sum(map(len, pieces)))
+    assert stats.empty_tokens == sum(not p for line_pieces in pieces for p in line_pieces)
+    assert stats.long_lines >= sum(sum(map(len, line_pieces)) > tables.limit for line_pieces in pieces)
+    SEEN.update({test: 1, "lines": stats.lines, "long_lines": stats.long_lines, "empty_tokens": stats.empty_tokens,
+                 "resynced": stats.resynced, "cut_tokens": stats.cut_tokens})
 
 
 @given(lines=st.lists(line(), min_size=1, max_size=6), config=st.sampled_from(CONFIGS),
        how=st.sampled_from(MERGES), batch_size=st.sampled_from([1, 3, 128]), chunk_lines=st.sampled_from([1, 2, 4096]))
 def test_each_token_gets_the_merge_of_exactly_its_own_pieces(pools, expect, lines, config, how, batch_size, chunk_lines):
-    LINES_SEEN.append(len(lines))
-    run_and_check(pools, expect, lines, config, how, batch_size, chunk_lines)
+    run_and_check(pools, expect, lines, config, how, batch_size, chunk_lines, "own_pieces")
 
 
 # Tokens made of characters that become [UNK] (or nothing) on one side and something else on the other.
@@ -172,10 +183,17 @@ def test_unicode_table_surprises_never_give_a_token_another_tokens_row(pools, ex
       Unicode 14, stripped when lowercasing), the piece counts add up and every [UNK]
       token in between would get its neighbour's row (second example).
     """
-    run_and_check(pools, expect, lines, config, how, 128, 4096)
+    run_and_check(pools, expect, lines, config, how, 128, 4096, "surprises")
 
 
-def test_property_saw_a_few_hundred_lines():
-    # Runs after the property above in file order; documents the number of generated lines.
-    if LINES_SEEN:
-        print(f"\nproperty test: {len(LINES_SEEN)} examples, {sum(LINES_SEEN)} lines")
+def test_the_tools_counters_saw_every_kind_of_line():
+    """Runs after the two properties (file order): each ran its examples, and over them the tool counted lines
+    that needed extra windows, tokens with no piece, lines re-aligned by asking the server and words cut to a
+    window. Were one of these never counted, the properties would not have tested that path, or the tool
+    would no longer count it."""
+    if not (SEEN["own_pieces"] and SEEN["surprises"]):
+        pytest.skip("needs both properties above to run in the same session")
+    print(f"\nproperty tests: {dict(SEEN)}")
+    assert SEEN["own_pieces"] >= settings.default.max_examples and SEEN["surprises"] >= settings.default.max_examples
+    assert SEEN["lines"] >= 2 * settings.default.max_examples
+    assert SEEN["long_lines"] > 0 and SEEN["empty_tokens"] > 0 and SEEN["resynced"] > 0 and SEEN["cut_tokens"] > 0

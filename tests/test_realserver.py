@@ -10,7 +10,6 @@ Select these tests with ``-m realserver``; without Python 3.7 they skip (they fa
 
 import json
 import math
-import pickle
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import bert_token_embed as tool
 from bench.corpus import NEW_EMOJI, make_corpus, make_tweet_corpus
-from conftest import MERGES, REPO, SCRIPT, SEPARATOR, merge_reference
+from conftest import MERGES, REPO, SCRIPT, SEPARATOR, load_pickle, merge_reference
 from test_align import CASES
 from test_property import SURPRISE_TOKENS, SURPRISES, line
 
@@ -190,7 +189,7 @@ def run_tool(tmp_path, lines, servers, how, *extra, timeout=TOOL_TIMEOUT):
     out = tmp_path / "out.pkl"
     status_, _, err = cli([source, "-o", out, "--merge", how, *server_flags(*servers), "-q", *extra], timeout)
     assert status_ == 0, err
-    return load(out)
+    return load_pickle(out)
 
 
 def cli(args, timeout=TOOL_TIMEOUT):
@@ -203,11 +202,6 @@ def cli(args, timeout=TOOL_TIMEOUT):
 def server_flags(*servers):
     """``--server 127.0.0.1:PORT:PORT_OUT`` for each real server."""
     return [arg for server in servers for arg in ("--server", server.address)]
-
-
-def load(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def assert_zero_rows_where_no_piece(truth, text, array):
@@ -402,7 +396,7 @@ def test_two_real_servers_one_killed_mid_run_the_other_finishes_right(tmp_path, 
     _, err = proc.communicate(timeout=TOOL_TIMEOUT)
     assert proc.returncode == 0, err
     assert "re-sent" in err, err
-    assert_rows_equal(load(out), expected)
+    assert_rows_equal(load_pickle(out), expected)
 
 
 def test_the_only_server_killed_fails_within_the_timeout_and_resume_completes(tmp_path, real_doomed, real_uncased,
@@ -422,7 +416,7 @@ def test_the_only_server_killed_fails_within_the_timeout_and_resume_completes(tm
     before = counters(real_uncased)[1]
     status_, _, err = cli(args + server_flags(real_uncased))
     assert status_ == 0, err
-    assert_rows_equal(load(out), expected)
+    assert_rows_equal(load_pickle(out), expected)
     assert counters(real_uncased)[1] - before <= len(lines) - 1024 + 1, "the resumed run skipped the lines kept"
 
 

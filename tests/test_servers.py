@@ -1,12 +1,11 @@
 """Several servers, --ip/--port/--port-out, and parse_server."""
 
-import pickle
-
 import numpy as np
 import pytest
 
 from bert_token_embed import (Request, RunError, ServerPool, UsageError, build_parser, check_reply, parse_server,
                               server_addresses)
+from conftest import load_pickle
 
 WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
 
@@ -39,8 +38,7 @@ def embed(run_cli, directory, text, server_args, *extra, name="out.pkl", timeout
     source.write_text(text, encoding="utf-8")
     rc, _, err = run_cli([source, "-o", directory / name, *server_args, *extra], timeout=timeout)
     assert rc == 0, err
-    with open(directory / name, "rb") as f:
-        return pickle.load(f), err
+    return load_pickle(directory / name), err
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +111,7 @@ def test_ip_port_port_out(fast, run_cli, tmp_path):
     rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--ip", "127.0.0.1",
                           "--port", fast.port, "--port-out", fast.port_out, "-q"])
     assert rc == 0, err
-    with open(tmp_path / "out.pkl", "rb") as f:
-        assert [a.shape for a in pickle.load(f)] == [(3, 16), (2, 16)]
+    assert [a.shape for a in load_pickle(tmp_path / "out.pkl")] == [(3, 16), (2, 16)]
 
 
 def test_ip_port_port_out_and_server_reach_the_same_server(uncased_server, run_cli, tmp_path, expect):
@@ -124,9 +121,8 @@ def test_ip_port_port_out_and_server_reach_the_same_server(uncased_server, run_c
                      ["--server", f"127.0.0.1:{server.port}:{server.port_out}"]):
             rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "-q", *args])
             assert rc == 0, err
-            with open(tmp_path / "out.pkl", "rb") as f:
-                np.testing.assert_allclose(pickle.load(f)[0], expect.line(server, "Hello World !", "mean"),
-                                           rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(load_pickle(tmp_path / "out.pkl")[0],
+                                       expect.line(server, "Hello World !", "mean"), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -173,6 +169,7 @@ def test_a_server_lost_mid_run_has_its_batches_sent_to_the_other(fast, uncased_s
     assert "warning" in err and "re-sent" in err
 
 
+@pytest.mark.slow   # 2 s; the fast subset has test_faults' test of a server that dies mid-run
 def test_the_only_server_lost_mid_run_exits_1_and_keeps_the_old_output(uncased_server, text, run_cli, tmp_path,
                                                                       expect):
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
@@ -214,8 +211,7 @@ def test_a_server_silent_from_its_first_request_is_dropped_at_start(uncased_serv
                               "--server", f"127.0.0.1:{healthy.port}:{healthy.port_out}"])
     assert rc == 0, err
     assert "sent no reply for 1.5 s (after 0 replies)" in err and "Traceback" not in err
-    with open(tmp_path / "out.pkl", "rb") as f:
-        assert [a.shape for a in pickle.load(f)] == [(3, 16), (2, 16)]
+    assert [a.shape for a in load_pickle(tmp_path / "out.pkl")] == [(3, 16), (2, 16)]
 
 
 # ---------------------------------------------------------------- check_reply

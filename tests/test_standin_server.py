@@ -332,6 +332,7 @@ ALPHABET = list("abcXYZ éÉüñçß  \t\n.,!?'\"-()[]#|@$%&*+/:;<=>\\^_`{}~0129
     "\u3000", "«", "»", "—", "…", "Ω", "ǅ", "ﬁ", "²", "\U0001F600", "\u0130", "Σ", "Ο", "ς"]
 
 
+@pytest.mark.slow   # 300 examples, about 2 s: a property run, as those of test_property
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(ALPHABET), max_size=40).map("".join))
 def test_hf_tokenizer_matches_bert_basic_plus_wordpiece(text):
@@ -460,6 +461,7 @@ def test_simulate_gpu_is_one_device_serving_requests_in_turn():
 # Fault switches
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow   # waits out client timeouts (about 1 s each); the tool's fault tests use this switch too
 def test_die_after_stops_answering():
     with StandinServer(die_after=2) as srv, client(srv, timeout=1000) as c:
         c.encode(["one"])
@@ -471,6 +473,7 @@ def test_die_after_stops_answering():
             c.server_config
 
 
+@pytest.mark.slow   # waits out client timeouts (about 1 s each); the tool's fault tests use this switch too
 def test_drop_reply_skips_one_request_only():
     with StandinServer(drop_reply=2) as srv, client(srv, timeout=1000) as c:
         c.encode(["one"])
@@ -509,6 +512,7 @@ def test_config_overrides_change_only_the_config_reply():
         assert c.encode(["hello"]).shape == (1, 25, 16)
 
 
+@pytest.mark.slow   # waits out a client timeout; the tool's side: test_faults' max_seq_len over 512 test
 def test_max_seq_len_beyond_512_breaks_the_worker_like_the_real_server():
     with StandinServer(max_seq_len=600) as srv, client(srv, timeout=1000) as c:
         assert c.server_config["max_seq_len"] == 600  # config still answers
@@ -577,6 +581,7 @@ def test_malformed_and_inconsistent_requests_are_never_answered():
     assert srv.stats["replies"] == 1
 
 
+@pytest.mark.slow   # waits out two client timeouts of 1 s
 def test_identity_with_hash_kills_the_sink():
     with StandinServer() as srv:
         with client(srv, timeout=1000, identity=b"bad#id") as c:
@@ -586,6 +591,7 @@ def test_identity_with_hash_kills_the_sink():
             client(srv, timeout=1000)  # the sink is gone, so config replies stop too
 
 
+@pytest.mark.slow   # waits out a client timeout of 1 s
 def test_bad_payload_kills_the_worker_but_config_still_answers():
     with StandinServer() as srv:
         raw = RawClient(srv)
