@@ -2,12 +2,12 @@
 
 import hashlib
 import json
-import pickle
 
 import numpy as np
 import pytest
 
 import bert_token_embed as tool
+from conftest import load_pickle
 
 SETTINGS = {"merge": "mean", "backend": {"hidden": 4}}
 LINES = [["Hello", "World", "!"], [], ["I'm", "hankcs"], ["a b", "c"]]
@@ -63,8 +63,7 @@ def test_resuming_skips_the_lines_done_and_continues_the_files(tmp_path):
     assert list(checkpoint) == LINES[3:]
     writer.write(rows(2, 3))
     writer.commit(4)
-    with open(output, "rb") as f:
-        arrays = pickle.load(f)
+    arrays = load_pickle(output)
     assert [a.shape for a in arrays] == [(3, 4), (0, 4), (2, 4), (2, 4)]
     assert [float(a[0, 0]) for a in arrays if len(a)] == [0.0, 2.0, 3.0]
 

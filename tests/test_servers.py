@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bert_token_embed import (Request, RunError, ServerPool, UsageError, build_parser, check_reply, parse_server,
-                              server_addresses)
+from bert_token_embed import (DEFAULT_HOST, Request, RunError, ServerPool, UsageError, address_of, build_parser,
+                              check_reply, parse_server, server_addresses)
 from conftest import load_pickle
 
 WORDS = ["the", "hankcs", "I'm", "naïve", "中国", "😀", "\u200b", "|||", "1996-08-27", "x", "unaffable", "!" * 30]
@@ -126,13 +126,14 @@ def test_ip_port_port_out_and_server_reach_the_same_server(uncased_server, run_c
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], [("localhost", 5555, 5556)]),
+    ([], None),                                                   # none named: the API's default server
     (["--port", "6000"], [("localhost", 6000, 5556)]),            # as bert-serving-client: port_out stays 5556
     (["--ip", "gpu1", "--port-out", "7000"], [("gpu1", 5555, 7000)]),
     (["--server", "gpu1", "--server", "gpu2:6000:6001"], [("gpu1", 5555, 5556), ("gpu2", 6000, 6001)]),
 ])
 def test_server_addresses_defaults_follow_bert_serving_client(argv, expected):
     assert server_addresses(build_parser().parse_args(argv)) == expected
+    assert address_of(DEFAULT_HOST) == ("localhost", 5555, 5556)
 
 
 def test_server_and_ip_together_is_a_usage_error(fast, run_cli, tmp_path, expect):
