@@ -2180,10 +2180,14 @@ class Hdf5Writer(BatchWriter):
 
 
 def current_umask():
-    """The process's umask (reading it means setting it, so it is set back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask: read from /proc on Linux; elsewhere set and set back, which another thread could see."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 # -o by the name's extension.

@@ -371,12 +371,15 @@ def test_success_replaces_existing_output_and_leaves_no_temporary_file(srv, run_
     assert len(load_pickle(tmp_path / "out.pkl")) == 2
 
 
-def test_output_file_gets_the_usual_permissions(srv, run_cli, tmp_path, expect):
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_file_gets_the_usual_permissions(srv, run_cli, tmp_path, expect, umask):
     """Like any file the user creates (open(..., "w")): 0666 minus the umask, not mkstemp's private 0600."""
     (tmp_path / "in.txt").write_text(HELLO)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(srv)])
+    before = os.umask(umask)   # the run is in-process: it sees this umask
+    try:
+        rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", *expect.server_args(srv)])
+    finally:
+        os.umask(before)
     assert rc == 0, err
     assert stat.S_IMODE(os.stat(tmp_path / "out.pkl").st_mode) == 0o666 & ~umask
 
