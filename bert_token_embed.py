@@ -443,18 +443,30 @@ class PieceCounter:
         """The units' piece counts if ``pieces`` are the pieces each unit had before, one after another; else None.
 
         The fast path for the common case, a handful of operations per sentence: the
-        units' known pieces, joined, are compared with the pieces joined. Known pieces
-        hold no space, so equal strings and equal piece totals mean equal piece lists;
-        ``align`` would give these counts too, as it reads each unit's pieces alone.
+        units' known pieces, joined, are compared with the pieces joined. A unit not
+        seen whole before is expected as its basic tokens, one piece each, as most
+        words are, and is known from then on. No expected piece holds a space, so equal
+        strings and equal piece totals mean equal piece lists, and ``align`` would give
+        these counts too: it reads each unit's pieces alone, and none is ``[UNK]``.
         """
+        spelled = self.spelled
         try:
-            expected = " ".join(map(self.spelled.__getitem__, units))
-        except KeyError:   # a unit whose pieces are not known
+            expected = " ".join(map(spelled.__getitem__, units))
+            counts = list(map(self.pieces.__getitem__, units))
+            new = None
+        except KeyError:
+            basic = self.look_up(units)[0]
+            if not all(basic):
+                return None   # a unit with no piece: align must see it
+            new = list(map(spelled.get, units, map(" ".join, basic)))
+            expected = " ".join(new)
+            counts = [spaces + 1 for spaces in map(str.count, new, itertools.repeat(" "))]
+        if sum(counts) != len(pieces) or expected != " ".join(pieces):
             return None
-        if expected != " ".join(pieces):
-            return None
-        counts = list(map(self.pieces.__getitem__, units))
-        return counts if sum(counts) == len(pieces) else None
+        if new:
+            spelled.update(zip(units, new))
+            self.pieces.update(zip(units, counts))
+        return counts
 
 
 # ---------------------------------------------------------------- windows for long sentences
