@@ -513,6 +513,9 @@ class Sentence:
     and the line's rows are merged from them at the end.
     """
 
+    __slots__ = ("number", "tokens", "counter", "estimate", "_basic", "units", "block", "counts", "in_flight",
+                 "windows", "truncated_units", "seen", "resynced")
+
     def __init__(self, number, tokens, counter):
         self.number = number
         self.tokens = tokens
@@ -760,16 +763,14 @@ def merge_parts(parts, how):
         else:
             by_source.setdefault(id(source), (source, []))[1].append((window.sentence, start, counts))
     for source, members in by_source.values():
+        sentences, starts, counts = zip(*members)
         # The pieces' row numbers in the source, built for all lines at once: each line's rows are consecutive.
-        starts = np.fromiter((start for _, start, _ in members), dtype=np.int64, count=len(members))
-        sizes = np.fromiter((sum(counts) for _, _, counts in members), dtype=np.int64, count=len(members))
-        index = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
-        merged = merge_segments(source, list(itertools.chain.from_iterable(counts for _, _, counts in members)),
-                                how, index)
-        k = 0
-        for sentence, _, counts in members:
-            sentence.store(0, counts, merged[k:k + len(counts)])
-            k += len(counts)
+        sizes = np.fromiter(map(sum, counts), dtype=np.int64, count=len(counts))
+        index = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(np.array(starts) - (np.cumsum(sizes) - sizes),
+                                                                        sizes)
+        merged = merge_segments(source, list(itertools.chain.from_iterable(counts)), how, index)
+        for sentence, line_counts, end in zip(sentences, counts, itertools.accumulate(map(len, counts))):
+            sentence.store(0, line_counts, merged[end - len(line_counts):end])
 
 
 # ---------------------------------------------------------------- batch windows of similar length (both modes)
