@@ -398,23 +398,26 @@ class PieceCounter:
         try:
             return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
         except KeyError:   # a unit not seen since the last clear
-            pass
-        if len(self.basic) > self.capacity:
-            self.basic.clear()
-            self.pieces.clear()
-            self.spelled.clear()
-        for unit in units:
-            if unit not in self.basic:
-                self.basic[unit] = basic = basic_tokens(unit, self.lowercase, self.lacks)
-                self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
-        return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
+            self.add(units)
+            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
 
     def estimates(self, units):
         """The units' piece counts, as ``look_up`` gives them: one dict lookup per unit where all were seen before."""
         try:
             return list(map(self.pieces.__getitem__, units))
         except KeyError:
-            return self.look_up(units)[1]
+            self.add(units)
+            return list(map(self.pieces.__getitem__, units))
+
+    def add(self, units):
+        """Work out the basic tokens of the units not seen since the last clear; clear everything first when full."""
+        if len(self.basic) > self.capacity:
+            self.basic.clear()
+            self.pieces.clear()
+            self.spelled.clear()
+        for unit in set(units).difference(self.basic):
+            self.basic[unit] = basic = basic_tokens(unit, self.lowercase, self.lacks)
+            self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
 
     def learn(self, units, counts, estimates):
         """Remember the server's piece counts where they differ from the estimates."""

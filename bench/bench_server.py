@@ -200,6 +200,9 @@ def corpus_of(scratch, lines, made={}):
     return made[lines]
 
 
+TOOL = os.path.join(ROOT, "bert_token_embed.py")
+
+
 def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original=False):
     """One run of the tool (or the original loop) on a fresh stand-in: its wall, CPU, RSS and the server's stats."""
     corpus, tokens = corpus_of(scratch, lines)
@@ -208,7 +211,7 @@ def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original
     if original:
         command = [sys.executable, __file__, "--original-loop", corpus, out, str(port), str(port_out)]
     else:
-        command = [sys.executable, os.path.join(ROOT, "bert_token_embed.py"), corpus, "-o", out,
+        command = [sys.executable, TOOL, corpus, "-o", out,
                    "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
     try:
         seconds, rss, cpu = timed(command)
@@ -231,6 +234,7 @@ def main():
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 40,000 vs 200,000 lines (64-d)")
     parser.add_argument("--original", action="store_true", help="also the original loop at 5 us, 4,000 and 40,000 lines")
     parser.add_argument("--output-dir", help="where corpora and outputs go (default: a temporary directory on disk)")
+    parser.add_argument("--tool", default=TOOL, help="the bert_token_embed.py to run (another version, to compare)")
     parser.add_argument("--original-loop", nargs=4, metavar=("CORPUS", "OUTPUT", "PORT", "PORT_OUT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--floor-sender", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -247,6 +251,8 @@ def main():
         messages, nbytes, kept, hidden, output = args.floor_receiver
         floor_receiver(int(messages), int(nbytes), int(kept), int(hidden), output)
         return
+    global TOOL
+    TOOL = os.path.abspath(args.tool)
     with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
         fixed = measure(scratch, "1 line", 1, 5.0)
         fast = measure(scratch, "1 us 768-d", 40000, 1.0)
@@ -261,8 +267,8 @@ def main():
             runs.append(memory[1])
         if args.original:
             runs += [measure(scratch, "original loop", lines, 5.0, original=True) for lines in (4000, 40000)]
-    print("simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; --merge last; "
-          "output pickled to a file on disk")
+    print(f"{TOOL}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
+          f"--merge last; output pickled to a file on disk")
     print(f"{'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'pad/use':>7} "
           f"{'limit s':>7} {'wall/limit':>10} {'requests':>8} {'written MB':>10}")
     for r in runs:
