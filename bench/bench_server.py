@@ -10,6 +10,7 @@ Every figure below comes from one run of this script, side by side:
     python bench/bench_server.py                 # the goals of issue 12
     python bench/bench_server.py --memory        # and peak RSS at 40,000 vs 200,000 lines
     python bench/bench_server.py --original      # and the original loop at 4,000 and 40,000 lines
+    python bench/bench_server.py --tool OLD.py   # another version of bert_token_embed.py, to compare
 
 Runs (``--merge last``, output pickled to a real file, in a temporary directory on
 disk; ``--output-dir`` chooses another):
