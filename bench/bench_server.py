@@ -231,6 +231,7 @@ def verdict(value, goal):
 
 
 def main():
+    global TOOL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 40,000 vs 200,000 lines (64-d)")
     parser.add_argument("--original", action="store_true", help="also the original loop at 5 us, 4,000 and 40,000 lines")
@@ -252,7 +253,6 @@ def main():
         messages, nbytes, kept, hidden, output = args.floor_receiver
         floor_receiver(int(messages), int(nbytes), int(kept), int(hidden), output)
         return
-    global TOOL
     TOOL = os.path.abspath(args.tool)
     with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
         fixed = measure(scratch, "1 line", 1, 5.0)
