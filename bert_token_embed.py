@@ -391,7 +391,7 @@ class PieceCounter:
         self.capacity = capacity
         self.basic = {}    # unit -> its basic tokens
         self.pieces = {}   # unit -> its piece count, learnt or estimated
-        self.spelled = {}  # unit -> the pieces it had in a reply, joined by " " (none is "[UNK]"; its count is pieces[unit])
+        self.spelled = {}  # unit -> its pieces in a reply, joined by " " (no "[UNK]"; as many as pieces[unit])
 
     def look_up(self, units):
         """The units' basic tokens and piece counts, as two lists."""
@@ -428,7 +428,7 @@ class PieceCounter:
                 self.spelled.pop(unit, None)   # its pieces, if known, are no longer its count's
 
     def remember(self, units, counts, pieces):
-        """Remember the pieces of each leading unit (``counts`` of them each, one after another in ``pieces``), for ``spells``.
+        """Remember each leading unit's pieces (``counts[i]`` of them, in turn in ``pieces``) for ``spells``.
 
         A unit with an ``[UNK]`` or with no piece is left out: ``align`` treats those
         apart, and the fast path must not.
@@ -534,7 +534,7 @@ class Sentence:
 
     @property
     def basic(self):
-        """Each token's basic tokens: looked up only for a line whose pieces the fast path could not place."""
+        """Each token's basic tokens: looked up only for a line that align or more windows need."""
         if self._basic is None:
             self._basic = self.counter.look_up(self.tokens)[0]
         return self._basic
