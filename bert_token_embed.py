@@ -431,15 +431,16 @@ class PieceCounter:
         """Remember each leading unit's pieces (``counts[i]`` of them, in turn in ``pieces``) for ``spells``.
 
         A unit with an ``[UNK]`` or with no piece is left out: ``align`` treats those
-        apart, and the fast path must not.
+        apart, and the fast path must not. So is one whose piece count is not the one
+        ``learn`` keeps (a window's context): the estimates, and with them the windows
+        of long lines, stay what they were without the fast path.
         """
-        spelled, p = self.spelled, 0
+        spelled, known, p = self.spelled, self.pieces, 0
         for unit, count in zip(units, counts):
-            if count and unit not in spelled:
+            if count and unit not in spelled and known.get(unit) == count:
                 own = pieces[p:p + count]
                 if "[UNK]" not in own:
                     spelled[unit] = " ".join(own)
-                    self.pieces[unit] = count
             p += count
 
     def spells(self, units, pieces):

@@ -37,13 +37,14 @@ def test_spells_agrees_with_align():
         for _ in range(3):
             units = ["".join(rng.choice(SOME) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
             units = [u for u in units if u.strip()] or ["a"]
-            basic = counter.look_up(units)[0]
+            basic, estimates = counter.look_up(units)
             pieces = some_pieces(rng, basic)
             got, expected = counter.spells(units, pieces), align(basic, pieces)
             if got is not None:
                 hits += 1
                 assert got == expected and "[UNK]" not in pieces and all(basic), (units, pieces)
             elif expected is not None and len(expected) == len(units) and "[UNK]" not in pieces:
+                counter.learn(units, expected, estimates)
                 counter.remember(units, expected, pieces)
     assert hits > 1000   # the fast path was taken often
 
@@ -51,10 +52,15 @@ def test_spells_agrees_with_align():
 def test_known_pieces_and_new_words():
     """A unit's pieces from an earlier reply are expected again; a new word is expected as one piece."""
     counter = PieceCounter(lowercase=True)
-    basic = counter.look_up(["hankcs", "is", "here"])[0]
+    units = ["hankcs", "is", "here"]
+    basic, estimates = counter.look_up(units)
     pieces = ["hank", "##cs", "is", "here"]
-    assert counter.spells(["hankcs", "is", "here"], pieces) is None   # hankcs is not one piece
-    counter.remember(["hankcs", "is", "here"], align(basic, pieces), pieces)
+    assert counter.spells(units, pieces) is None   # hankcs is not one piece
+    counts = align(basic, pieces)
+    counter.remember(units, counts, pieces)         # before the count is learnt: the estimates stay as they are
+    assert counter.look_up(["hankcs"])[1] == [1] and "hankcs" not in counter.spelled
+    counter.learn(units, counts, estimates)         # as Sentence.accept does first
+    counter.remember(units, counts, pieces)
     assert counter.spells(["here", "hankcs"], ["here", "hank", "##cs"]) == [1, 2]
     assert counter.spells(["hankcs", "now"], ["hank", "##cs", "now"]) == [2, 1]   # "now": new, one piece
     assert counter.spells(["now", "hankcs"], ["now", "hank", "##c", "##s"]) is None
