@@ -414,23 +414,86 @@ class PieceCounter:
         self.capacity = capacity
         self.basic = {}    # unit -> its basic tokens
         self.pieces = {}   # unit -> its piece count, learnt or estimated
+        self.spelled = {}  # unit -> its pieces in a reply, joined by " " (no "[UNK]"; as many as pieces[unit])
 
     def look_up(self, units):
         """The units' basic tokens and piece counts, as two lists."""
-        if not all(map(self.basic.__contains__, units)):
-            if len(self.basic) > self.capacity:
-                self.basic.clear()
-                self.pieces.clear()
-            for unit in units:
-                if unit not in self.basic:
-                    self.basic[unit] = basic = basic_tokens(unit, self.lowercase, self.lacks)
-                    self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
-        return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
+        try:
+            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
+        except KeyError:   # a unit not seen since the last clear
+            self.add(units)
+            return list(map(self.basic.__getitem__, units)), list(map(self.pieces.__getitem__, units))
+
+    def estimates(self, units):
+        """The units' piece counts, as ``look_up`` gives them: one dict lookup per unit where all were seen before."""
+        try:
+            return list(map(self.pieces.__getitem__, units))
+        except KeyError:
+            self.add(units)
+            return list(map(self.pieces.__getitem__, units))
+
+    def add(self, units):
+        """Work out the basic tokens of the units not seen since the last clear; clear everything first when full."""
+        if len(self.basic) > self.capacity:
+            self.basic.clear()
+            self.pieces.clear()
+            self.spelled.clear()
+        for unit in set(units).difference(self.basic):
+            self.basic[unit] = basic = basic_tokens(unit, self.lowercase, self.lacks)
+            self.pieces.setdefault(unit, len(basic))   # a count learnt since a clear stays
 
     def learn(self, units, counts, estimates):
         """Remember the server's piece counts where they differ from the estimates."""
         if counts != estimates:
-            self.pieces.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
+            changed = [(u, c) for u, c, e in zip(units, counts, estimates) if c != e]
+            self.pieces.update(changed)
+            for unit, _ in changed:
+                self.spelled.pop(unit, None)   # its pieces, if known, are no longer its count's
+
+    def remember(self, units, counts, pieces):
+        """Remember each leading unit's pieces (``counts[i]`` of them, in turn in ``pieces``) for ``spells``.
+
+        A unit with an ``[UNK]`` or with no piece is left out: ``align`` treats those
+        apart, and the fast path must not. So is one whose piece count is not the one
+        ``learn`` keeps (a window's context): the estimates, and with them the windows
+        of long lines, stay what they were without the fast path.
+        """
+        spelled, known, p = self.spelled, self.pieces, 0
+        for unit, count in zip(units, counts):
+            if count and unit not in spelled and known.get(unit) == count:
+                own = pieces[p:p + count]
+                if "[UNK]" not in own:
+                    spelled[unit] = " ".join(own)
+            p += count
+
+    def spells(self, units, pieces):
+        """The units' piece counts if ``pieces`` are the pieces each unit had before, one after another; else None.
+
+        The fast path for the common case, a handful of operations per sentence: the
+        units' known pieces, joined, are compared with the pieces joined. A unit not
+        seen whole before is expected as its basic tokens, one piece each, as most
+        words are, and is known from then on. No expected piece holds a space, so equal
+        strings and equal piece totals mean equal piece lists, and ``align`` would give
+        these counts too: it reads each unit's pieces alone, and none is ``[UNK]``.
+        """
+        spelled = self.spelled
+        try:
+            expected = " ".join(map(spelled.__getitem__, units))
+            counts = list(map(self.pieces.__getitem__, units))
+            new = None
+        except KeyError:
+            basic = self.look_up(units)[0]
+            if not all(basic):
+                return None   # a unit with no piece: align must see it
+            new = list(map(spelled.get, units, map(" ".join, basic)))
+            expected = " ".join(new)
+            counts = [spaces + 1 for spaces in map(str.count, new, itertools.repeat(" "))]
+        if sum(counts) != len(pieces) or expected != " ".join(pieces):
+            return None
+        if new:
+            spelled.update(zip(units, new))
+            self.pieces.update(zip(units, counts))
+        return counts
 
 
 # ---------------------------------------------------------------- windows for long sentences
@@ -474,17 +537,28 @@ class Sentence:
     and the line's rows are merged from them at the end.
     """
 
+    __slots__ = ("number", "tokens", "counter", "estimate", "_basic", "units", "block", "counts", "in_flight",
+                 "windows", "truncated_units", "seen", "resynced")
+
     def __init__(self, number, tokens, counter):
         self.number = number
         self.tokens = tokens
         self.counter = counter
-        self.basic, self.estimate = counter.look_up(tokens)   # each token's basic tokens and expected piece count
+        self.estimate = counter.estimates(tokens)             # each token's expected piece count
+        self._basic = None                                    # each token's basic tokens, once needed
         self.units = None                                     # a long line's Unit records
         self.block = None                                     # the line's rows, from one window
         self.counts = None                                    # each token's piece count, with the block
         self.in_flight = self.windows = self.truncated_units = 0
         self.seen = [0, 0]                                    # pieces, and their estimate, of the units covered so far
         self.resynced = False
+
+    @property
+    def basic(self):
+        """Each token's basic tokens: looked up only for a line that align or more windows need."""
+        if self._basic is None:
+            self._basic = self.counter.look_up(self.tokens)[0]
+        return self._basic
 
     @property
     def done(self):
@@ -557,6 +631,12 @@ class Sentence:
             self.truncated_units += 1
             return window.own, 0, [n_pieces]
         return None
+
+    def empty_tokens(self):
+        """How many tokens have no piece, once done."""
+        if self.units is None:
+            return self.counts.count(0) if self.counts else 0
+        return int((self.token_counts() == 0).sum())
 
     def token_counts(self):
         """Each token's piece count, once done."""
@@ -745,12 +825,14 @@ def merge_parts(parts, how):
         else:
             by_source.setdefault(id(source), (source, []))[1].append((window.sentence, start, counts))
     for source, members in by_source.values():
-        index = np.concatenate([np.arange(start, start + sum(counts)) for _, start, counts in members])
-        merged = merge_segments(source, [c for _, _, counts in members for c in counts], how, index)
-        k = 0
-        for sentence, _, counts in members:
-            sentence.store(0, counts, merged[k:k + len(counts)])
-            k += len(counts)
+        sentences, starts, counts = zip(*members)
+        # The pieces' row numbers in the source, built for all lines at once: each line's rows are consecutive.
+        sizes = np.fromiter(map(sum, counts), dtype=np.int64, count=len(counts))
+        index = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(np.array(starts) - (np.cumsum(sizes) - sizes),
+                                                                        sizes)
+        merged = merge_segments(source, list(itertools.chain.from_iterable(counts)), how, index)
+        for sentence, line_counts, end in zip(sentences, counts, itertools.accumulate(map(len, counts))):
+            sentence.store(0, line_counts, merged[end - len(line_counts):end])
 
 
 # ---------------------------------------------------------------- what both modes share: the backend interface, batches
@@ -890,7 +972,7 @@ def sendable(tokens):
     BERT splits at either and deletes NUL, so the pieces are the same, but a text holding
     " ||| " would be read as a sentence pair, and an empty text is skipped by the server.
     """
-    if all(tokens) and not any(" " in token for token in tokens):
+    if all(tokens) and " " not in "".join(tokens):
         return tokens
     return [token.replace(" ", "\t") if token else "\0" for token in tokens]
 
@@ -1380,8 +1462,8 @@ class ServerRun:
         """Hand out the rows of the lines at the front that are done."""
         while self.open_lines and self.open_lines[0].done:
             sentence = self.open_lines.popleft()
-            self.stats.add(len(sentence.tokens), int((sentence.token_counts() == 0).sum()), sentence.windows,
-                           sentence.resynced, sentence.truncated_units)
+            self.stats.add(len(sentence.tokens), sentence.empty_tokens(), sentence.windows, sentence.resynced,
+                           sentence.truncated_units)
             yield token_rows(sentence, self.how, self.pool.hidden)
 
     def take_reply(self, server, request, embedding, tokens):
@@ -1416,6 +1498,10 @@ class ServerRun:
         ``known``, the server's pieces of each unit alone, where it was asked. A window
         that does not align, or whose alignment may be fooled, waits for those answers.
         """
+        if known is None and window.sentence.units is None:
+            counts = self.counter.spells(window.sentence.tokens, pieces)
+            if counts is not None:   # the fast path: a whole line whose tokens have their usual pieces
+                return window.sentence.accept(window, counts, len(pieces))
         units, basic = window.units, window.basic
         counts = align(basic, pieces)
         # "[UNK]" fits any basic token and an empty unit fits no piece, so where the server's Unicode tables
@@ -1432,7 +1518,10 @@ class ServerRun:
             if counts is None or self.ran_short(counts, units, pieces):
                 raise RunError(f"line {window.sentence.number}: cannot place the server's pieces on the tokens "
                                f"(tokens {units!r}, server pieces {pieces!r})")
-        return window.sentence.accept(window, counts, len(pieces), resync)
+        kept = window.sentence.accept(window, counts, len(pieces), resync)
+        if not resync:
+            self.counter.remember(units, counts, pieces)   # for the fast path, next time these units come
+        return kept
 
 
 # ---------------------------------------------------------------- run a model in this process (--model)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Server-mode throughput: this tool against a re-creation of the original loop, on a simulated GPU server.
+"""Server mode on a simulated GPU server: the tool's wall time against the compute limit, its CPU against the floor of its bytes.
 
 The stand-in server (tests/standin_server.py) sleeps for the compute a GPU would
 spend (a fixed cost per padded position of each request, plus a small cost per
@@ -7,20 +7,39 @@ request; a request of up to 256 sentences is padded to its longest sentence, as
 bert-serving-server does with -max_seq_len NONE) and returns real-sized rows.
 Every figure below comes from one run of this script, side by side:
 
-    python bench/bench_server.py                 # 4,000 and 40,000 lines
-    python bench/bench_server.py --lines 2000    # one size only
+    python bench/bench_server.py                 # the goals of issue 12
+    python bench/bench_server.py --memory        # and peak RSS at 40,000 vs 200,000 lines
+    python bench/bench_server.py --original      # and the original loop at 4,000 and 40,000 lines
+    python bench/bench_server.py --tool OLD.py   # another version of bert_token_embed.py, to compare
 
-Columns: wall seconds, peak RSS of the client process, the server's simulated
-busy seconds, padded and useful positions, and the limit: the compute of the
-useful positions alone. A 1-line run of the tool comes first: its wall time is the
-fixed cost of any run (Python and numpy start-up, the server's configuration reply,
-which bert-serving-server delays by 0.1 s, and shutting down).
+Runs (``--merge last``, output pickled to a real file, in a temporary directory on
+disk; ``--output-dir`` chooses another):
+
+* a 1-line run: its wall and CPU time are the fixed cost of any run (Python and
+  numpy start-up, the server's configuration reply, which bert-serving-server
+  delays by 0.1 s, and shutting down);
+* 40,000 lines at 1 µs per padded position + 0.5 ms per request, 768-d (a modern
+  accelerator): wall / limit, where the limit is the compute of the useful
+  positions alone, and client CPU / floor, where the floor is measured here in the
+  same run: a process of its own receives the same bytes over ZeroMQ (as many
+  messages as the run's requests, of the same total size), takes the kept rows out
+  of each message with one numpy gather, and writes them to a file on the same
+  disk; its CPU time for that work alone (not its start-up) is the floor;
+* 40,000 and 4,000 lines at 5 µs per position: wall / limit, fixed cost included;
+* 40,000 lines at 1 µs, 64-d, where bytes cost little: Python work per token,
+  (client CPU - the 1-line run's CPU - the floor of this run's bytes) / tokens;
+* with ``--memory``: peak RSS at 40,000 and 200,000 lines (1 µs, 64-d: per-line
+  state that is never freed shows most where rows are small).
+
+Server and client share this machine's cores, so the figures are pessimistic for a
+server on its own GPU machine.
 """
 
 import argparse
 import json
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
@@ -32,12 +51,13 @@ from corpus import make_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tests", "standin_server.py")
+GOALS = {"wall_1us": 3.0, "cpu_floor": 1.5, "wall_5us_40k": 1.25, "wall_5us_4k": 2.0, "python_us": 1.0, "rss": 1.10}
 
 
-def start_server(cost_us, request_ms):
+def start_server(cost_us, request_ms, hidden=768):
     """Start the stand-in in simulated-GPU mode on free ports; return (process, port, port_out)."""
     proc = subprocess.Popen([sys.executable, SERVER, "--port", "0", "--port-out", "0", "--max-seq-len", "NONE",
-                             "--hidden", "768", "--simulate-gpu-us", str(cost_us),
+                             "--hidden", str(hidden), "--simulate-gpu-us", str(cost_us),
                              "--simulate-request-ms", str(request_ms)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline().split()
@@ -52,13 +72,13 @@ def stop_server(proc):
     return json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
 
 
-def timed(command, timeout=None):
+def timed(command, timeout=None, stdout=subprocess.DEVNULL):
     """Run a command; return (seconds, peak RSS in MiB, CPU seconds) of that child alone.
 
     A command still running after ``timeout`` seconds is killed and TimeoutError raised.
     """
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE)
     killer = threading.Timer(timeout, proc.kill) if timeout else None
     if killer:
         killer.start()
@@ -107,59 +127,183 @@ def original_loop(corpus, output, port, port_out):
         pickle.dump(tensors, f)
 
 
-def measure(label, command, cost_us, request_ms):
-    proc, port, port_out = start_server(cost_us, request_ms)
+# ---------------------------------------------------------------- the floor: the same bytes, and nothing else
+
+def floor_sender(port, messages, nbytes):
+    """Push ``messages`` messages of ``nbytes`` zero bytes each (a request's 4 reply frames) to a floor receiver."""
+    import numpy as np
+    import zmq
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    rows = np.zeros(nbytes, np.uint8)   # untouched zero pages, as the stand-in sends
+    for number in range(1, messages + 1):
+        sock.send_multipart([b"identity", b'{"dtype": "float32"}', rows, b"%d" % number], copy=False)
+    sock.close(linger=-1)
+    context.term()   # every message sent before the rows are freed
+
+
+def floor_receiver(messages, nbytes, kept, hidden, output):
+    """Receive the messages, gather ``kept`` rows of each with one numpy gather, write them to ``output``; print the CPU seconds of that work."""
+    import numpy as np
+    import zmq
+    sys.path.insert(0, ROOT)
+    from bert_token_embed import keep_freed_memory
+    keep_freed_memory()   # as the tool does: replies reuse freed memory rather than fault in fresh pages
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sender = subprocess.Popen([sys.executable, __file__, "--floor-sender", str(port), str(messages), str(nbytes)])
+    rows_per_message = nbytes // (4 * hidden)
+    index = np.arange(kept) * max(rows_per_message // max(kept, 1), 1)   # kept rows spread over the message
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    with open(output, "wb") as f:
+        for _ in range(messages):
+            frames = sock.recv_multipart(copy=False)
+            rows = np.frombuffer(frames[2].buffer, dtype=np.float32).reshape(-1, hidden)
+            f.write(rows[index])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if sender.wait():
+        raise SystemExit("the floor's sender failed")
+    print(json.dumps({"cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                      "written": os.path.getsize(output)}))
+
+
+def measure_floor(scratch, run, hidden):
+    """The floor of a run's bytes: CPU seconds to receive its replies' bytes, gather its kept rows and write them.
+
+    Returns (the floor, its part without the writing): the second is measured by a
+    receiver that writes to /dev/null, which costs nothing. Writing to the page cache
+    costs this machine more or less CPU from one run to the next (as memory fills with
+    cached pages), so the floor is the cheaper of two runs.
+    """
+    messages = run["requests"]
+    nbytes = run["padded"] // messages * hidden * 4
+    kept = max(run["tokens"] // messages, 1)
+    output = os.path.join(scratch, "floor.bin")
+    cpu = []
+    for path in (output, output, os.devnull):
+        result = subprocess.run([sys.executable, __file__, "--floor-receiver", str(messages), str(nbytes), str(kept),
+                                 str(hidden), path], capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"the floor's receiver failed: {result.stderr}")
+        cpu.append(json.loads(result.stdout)["cpu"])
+        if path == output:
+            os.unlink(output)
+    return min(cpu[:2]), cpu[2]
+
+
+# ---------------------------------------------------------------- runs of the tool
+
+def corpus_of(scratch, lines, made={}):
+    """A generated corpus of ``lines`` lines in ``scratch`` (made once) and its token count."""
+    if lines not in made:
+        path = os.path.join(scratch, f"corpus-{lines}.txt")
+        make_corpus(path, lines)
+        with open(path, encoding="utf-8") as f:
+            made[lines] = path, sum(len(line.split()) for line in f)
+    return made[lines]
+
+
+TOOL = os.path.join(ROOT, "bert_token_embed.py")
+
+
+def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original=False):
+    """One run of the tool (or the original loop) on a fresh stand-in: its wall, CPU, RSS and the server's stats."""
+    corpus, tokens = corpus_of(scratch, lines)
+    out = os.path.join(scratch, "out.pkl")
+    proc, port, port_out = start_server(cost_us, request_ms, hidden)
+    if original:
+        command = [sys.executable, __file__, "--original-loop", corpus, out, str(port), str(port_out)]
+    else:
+        command = [sys.executable, TOOL, corpus, "-o", out,
+                   "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
     try:
-        seconds, rss, cpu = timed(command(port, port_out))
+        seconds, rss, cpu = timed(command)
     finally:
         stats = stop_server(proc)
+    written = os.path.getsize(out)
+    os.unlink(out)
     limit = stats["useful_positions"] * cost_us / 1e6
-    return dict(label=label, wall=seconds, rss=rss, cpu=cpu, busy=stats["busy_seconds"], padded=stats["padded_positions"],
-                useful=stats["useful_positions"], limit=limit, requests=stats["requests"])
+    return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu,
+                busy=stats["busy_seconds"], padded=stats["padded_positions"], useful=stats["useful_positions"],
+                limit=limit, requests=stats["requests"], written=written)
+
+
+def verdict(value, goal):
+    return "met" if value <= goal else "NOT met"
 
 
 def main():
+    global TOOL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lines", type=int, action="append", help="corpus sizes (default: 4000 and 40000)")
-    parser.add_argument("--cost-us", type=float, default=5.0, help="simulated GPU microseconds per padded position")
-    parser.add_argument("--request-ms", type=float, default=0.5, help="simulated GPU milliseconds per request")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS at 40,000 vs 200,000 lines (64-d)")
+    parser.add_argument("--original", action="store_true", help="also the original loop at 5 us, 4,000 and 40,000 lines")
+    parser.add_argument("--output-dir", help="where corpora and outputs go (default: a temporary directory on disk)")
+    parser.add_argument("--tool", default=TOOL, help="the bert_token_embed.py to run (another version, to compare)")
     parser.add_argument("--original-loop", nargs=4, metavar=("CORPUS", "OUTPUT", "PORT", "PORT_OUT"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--floor-sender", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-receiver", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.original_loop:
         corpus, output, port, port_out = args.original_loop
         original_loop(corpus, output, int(port), int(port_out))
         return
-    # Output goes to memory-backed storage where there is some, so the disk's speed is not what is measured.
-    rows = []
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as scratch:
-        for lines in [1] + (args.lines or [4000, 40000]):
-            corpus = os.path.join(scratch, f"corpus-{lines}.txt")
-            make_corpus(corpus, lines)
-            out = os.path.join(scratch, "out.pkl")
-            tool = lambda port, port_out: [sys.executable, os.path.join(ROOT, "bert_token_embed.py"), corpus, "-o", out,
-                                           "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
-            orig = lambda port, port_out: [sys.executable, __file__, "--original-loop", corpus, out, str(port),
-                                           str(port_out)]
-            rows.append((lines, measure("this tool", tool, args.cost_us, args.request_ms)))
-            if lines > 1:
-                rows.append((lines, measure("original loop", orig, args.cost_us, args.request_ms)))
-            os.unlink(out)
-    print(f"simulated GPU: {args.cost_us:g} us per padded position + {args.request_ms:g} ms per request; "
-          f"768-d rows; server -max_seq_len NONE")
-    print(f"{'lines':>6} {'client':<14} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'padded':>9} {'useful':>9} "
-          f"{'pad/use':>7} {'limit s':>7} {'wall/limit':>10} {'requests':>8}")
-    for lines, r in rows:
-        print(f"{lines:>6} {r['label']:<14} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} {r['padded']:>9} "
-              f"{r['useful']:>9} {r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} "
-              f"{r['wall'] / r['limit']:>10.2f} {r['requests']:>8}")
-    fixed = rows[0][1]["wall"]
-    print(f"fixed cost of a run (the 1-line input): {fixed:.2f} s")
-    for lines in sorted({n for n, _ in rows if n > 1}):
-        tool, orig = (r for n, r in rows if n == lines)
-        print(f"{lines} lines: this tool is {orig['wall'] / tool['wall']:.1f}x faster than the original loop, "
-              f"at {tool['wall'] / tool['limit']:.2f}x the limit ({(tool['wall'] - fixed) / tool['limit']:.2f}x "
-              f"after the fixed cost), padding {tool['padded'] / tool['useful']:.2f}x")
+    if args.floor_sender:
+        floor_sender(*args.floor_sender)
+        return
+    if args.floor_receiver:
+        messages, nbytes, kept, hidden, output = args.floor_receiver
+        floor_receiver(int(messages), int(nbytes), int(kept), int(hidden), output)
+        return
+    TOOL = os.path.abspath(args.tool)
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
+        fixed = measure(scratch, "1 line", 1, 5.0)
+        fast = measure(scratch, "1 us 768-d", 40000, 1.0)
+        fast_floor = measure_floor(scratch, fast, 768)
+        slow = measure(scratch, "5 us 768-d", 40000, 5.0)
+        small = measure(scratch, "5 us 768-d", 4000, 5.0)
+        narrow = measure(scratch, "1 us 64-d", 40000, 1.0, hidden=64)
+        narrow_floor = measure_floor(scratch, narrow, 64)
+        runs = [fixed, fast, slow, small, narrow]
+        if args.memory:
+            memory = [narrow, measure(scratch, "1 us 64-d", 200000, 1.0, hidden=64)]
+            runs.append(memory[1])
+        if args.original:
+            runs += [measure(scratch, "original loop", lines, 5.0, original=True) for lines in (4000, 40000)]
+    print(f"{TOOL}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
+          f"--merge last; output pickled to a file on disk")
+    print(f"{'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'pad/use':>7} "
+          f"{'limit s':>7} {'wall/limit':>10} {'requests':>8} {'written MB':>10}")
+    for r in runs:
+        print(f"{r['label']:<14} {r['lines']:>6} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} "
+              f"{r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} {r['wall'] / r['limit']:>10.2f} "
+              f"{r['requests']:>8} {r['written'] / 1e6:>10.0f}")
+    print(f"fixed cost of a run (the 1-line input): {fixed['wall']:.2f} s wall, {fixed['cpu']:.2f} s CPU")
+    (fast_floor, fast_in), (narrow_floor, narrow_in) = fast_floor, narrow_floor
+    print(f"floor of the 1 us 768-d run's bytes ({fast['requests']} replies, "
+          f"{fast['padded'] * 768 * 4 / 1e9:.2f} GB in, {fast['tokens'] * 768 * 4 / 1e9:.2f} GB out): "
+          f"{fast_floor:.2f} CPU s ({fast_in:.2f} receiving and gathering, {fast_floor - fast_in:.2f} writing); "
+          f"of the 64-d run's: {narrow_floor:.2f} CPU s ({narrow_in:.2f} without the writing)")
+    python_us = (narrow["cpu"] - fixed["cpu"] - narrow_floor) / narrow["tokens"] * 1e6
+    figures = [
+        ("1 us, 40,000 lines: wall / limit", fast["wall"] / fast["limit"], GOALS["wall_1us"]),
+        ("1 us, 40,000 lines: client CPU / floor", fast["cpu"] / fast_floor, GOALS["cpu_floor"]),
+        ("5 us, 40,000 lines: wall / limit", slow["wall"] / slow["limit"], GOALS["wall_5us_40k"]),
+        ("5 us, 4,000 lines: wall / limit", small["wall"] / small["limit"], GOALS["wall_5us_4k"]),
+        ("64-d: Python us per token", python_us, GOALS["python_us"]),
+    ]
+    if args.memory:
+        figures.append(("peak RSS, 200,000 / 40,000 lines", memory[1]["rss"] / memory[0]["rss"], GOALS["rss"]))
+    print("goals (issue 12):")
+    for name, value, goal in figures:
+        print(f"  {name:<40} {value:>6.2f}   goal <= {goal:<5g} {verdict(value, goal)}")
+    print(f"  (1 us: client CPU after the fixed cost / floor: {(fast['cpu'] - fixed['cpu']) / fast_floor:.2f})")
+    if args.original:
+        for lines in (4000, 40000):
+            tool = slow if lines == 40000 else small
+            orig = next(r for r in runs if r["label"] == "original loop" and r["lines"] == lines)
+            print(f"{lines} lines at 5 us: this tool is {orig['wall'] / tool['wall']:.1f}x faster than the original loop")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The server-mode fast path (PieceCounter.spells) places pieces exactly as align does, or leaves them to it."""
+
+import random
+
+from bert_token_embed import PieceCounter, align
+
+SOME = ["a", "b", "c", "é", "-", "#", " ", "\t"]
+ODD = ["a", "b", "#", "##", " ", "", "[UNK]", "ab", "c", "\t", "é", "-", "a b"]
+
+
+def some_pieces(rng, basic):
+    """A plausible tokenization of the units' basic tokens (some split in two), then now and then a fault."""
+    pieces = []
+    for unit in basic:
+        for word in unit:
+            if len(word) > 1 and rng.random() < 0.3:
+                cut = rng.randint(1, len(word) - 1)
+                pieces += [word[:cut], "##" + word[cut:]]
+            else:
+                pieces.append(word)
+    fault = rng.random()
+    if fault < 0.2 and pieces:
+        pieces[rng.randrange(len(pieces))] = rng.choice(ODD)
+    elif fault < 0.3:
+        pieces.insert(rng.randint(0, len(pieces)), rng.choice(ODD))
+    elif fault < 0.35:
+        pieces = [" ".join(pieces)]   # a piece with spaces must not pass for several
+    return pieces
+
+
+def test_spells_agrees_with_align():
+    """Whenever the fast path gives counts they are align's, with no [UNK] and no unit without a piece."""
+    rng = random.Random(12)
+    hits = 0
+    for _ in range(3000):
+        counter = PieceCounter(lowercase=rng.random() < 0.5)
+        for _ in range(3):
+            units = ["".join(rng.choice(SOME) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
+            units = [u for u in units if u.strip()] or ["a"]
+            basic, estimates = counter.look_up(units)
+            pieces = some_pieces(rng, basic)
+            got, expected = counter.spells(units, pieces), align(basic, pieces)
+            if got is not None:
+                hits += 1
+                assert got == expected and "[UNK]" not in pieces and all(basic), (units, pieces)
+            elif expected is not None and len(expected) == len(units) and "[UNK]" not in pieces:
+                counter.learn(units, expected, estimates)
+                counter.remember(units, expected, pieces)
+    assert hits > 1000   # the fast path was taken often
+
+
+def test_known_pieces_and_new_words():
+    """A unit's pieces from an earlier reply are expected again; a new word is expected as one piece."""
+    counter = PieceCounter(lowercase=True)
+    units = ["hankcs", "is", "here"]
+    basic, estimates = counter.look_up(units)
+    pieces = ["hank", "##cs", "is", "here"]
+    assert counter.spells(units, pieces) is None   # hankcs is not one piece
+    counts = align(basic, pieces)
+    counter.remember(units, counts, pieces)         # before the count is learnt: the estimates stay as they are
+    assert counter.look_up(["hankcs"])[1] == [1] and "hankcs" not in counter.spelled
+    counter.learn(units, counts, estimates)         # as Sentence.accept does first
+    counter.remember(units, counts, pieces)
+    assert counter.spells(["here", "hankcs"], ["here", "hank", "##cs"]) == [1, 2]
+    assert counter.spells(["hankcs", "now"], ["hank", "##cs", "now"]) == [2, 1]   # "now": new, one piece
+    assert counter.spells(["now", "hankcs"], ["now", "hank", "##c", "##s"]) is None
+    assert counter.spells(["hankcs"], ["[UNK]"]) is None
