@@ -14,7 +14,8 @@ write the output -> keep partial work (--resume) -> command line.
 
 To add a merge strategy, write one function in "merge" and give it a MERGE_FUNCTIONS
 entry; a backend, subclass Backend, give it a MODE_OPTIONS row and a branch in
-``open_backend``; an output format, subclass BatchWriter in "write the output" and
+``settings_of_mode`` and ``open_backend`` (and its own settings a TokenEmbedder keyword
+and an option); an output format, subclass BatchWriter in "write the output" and
 give it OUTPUT_FORMATS entries.
 
     >>> import bert_token_embed as bte
@@ -72,9 +73,10 @@ DEFAULT_IN_FLIGHT = 3     # batches' worth of sentences waiting at each server
 CONFIG_TIMEOUT = 15.0     # the start-up config question is answered at once by a live server
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt() parameters (malloc.h)
 MAX_POSITIONS = 512       # BERT's position table; the server's cap when max_seq_len is NONE
-CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once; at most two chunks are held
+CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once, at most two chunks held; both modes
+                          # read this many lines before any work, so that the first lines' input errors show at once
 MODEL_CHUNK_BATCHES = 2   # embedded mode: a chunk of lines tokenized, sorted by length and held at once is this many batches
-FIRST_CHUNK_LINES = 512
+FIRST_CHUNK_LINES = 512   # server mode's first chunk, smaller: the servers start sooner, later chunks sort by learnt counts
 MODEL_DTYPES = ("float32", "float16", "bfloat16")   # --dtype of the forward pass; rows come out float32 whatever it is
 READ_STEP = 128           # lines read between looks for replies
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
@@ -163,7 +165,7 @@ def read_lines(stream, name, encoding="utf-8", errors="strict"):
             yield raw.decode(encoding, errors)
         except UnicodeDecodeError as err:
             raise UsageError(
-                f"{name}: line {number} is not valid {encoding} (byte offset {start + err.start}): "
+                f"{name}: line {number} is not valid {encoding} (byte {start + err.start} of the file): "
                 f"use --encoding to name the file's encoding, or --errors replace to go on") from None
 
 
@@ -768,7 +770,7 @@ def merge_max(at, starts, sizes):
 # --merge: a strategy is a function of (at, starts, sizes), where at(positions) gathers float32 rows and
 # segment k (never empty) is the rows starts[k] .. starts[k] + sizes[k] - 1. It uses only indexing,
 # arithmetic and .clip, which numpy arrays and torch tensors share, so that the same function merges a
-# server's rows here and a model's rows on its device. The first strategy is the default.
+# server's rows here and a model's rows on its device.
 MERGE_FUNCTIONS = {"mean": merge_mean, "last": merge_last, "first": merge_first, "sum": merge_sum, "max": merge_max}
 MERGES = tuple(MERGE_FUNCTIONS)
 
@@ -846,7 +848,7 @@ class Backend:
     (tokens, hidden) array per sentence (a list of tokens) in order, reading
     ``sentences`` as needed and counting each finished line in ``stats``; and
     ``close()``. A new backend subclasses this, gets a row in MODE_OPTIONS, and is
-    opened by ``open_backend``.
+    chosen by ``settings_of_mode`` and opened by ``open_backend``.
     """
 
     hidden = None
@@ -861,7 +863,6 @@ class Backend:
 
     def close(self):
         """Release what the backend holds (connections, memory)."""
-
 
 
 def batch_bounds(sizes, batch_size):
@@ -882,7 +883,6 @@ def batch_bounds(sizes, batch_size):
     if len(sizes) > first:
         bounds.append((first, len(sizes)))
     return bounds
-
 
 
 class Stats:
@@ -913,11 +913,11 @@ class Stats:
         if self.resynced:
             text += f"; {plural(self.resynced, 'line')} re-aligned by asking the server per token"
         if self.cut_tokens:
-            text += f"; {self.cut_tokens} words longer than a window kept only the pieces that fit"
+            text += f"; {plural(self.cut_tokens, 'word')} longer than a window kept only the pieces that fit"
         if self.resumed:
             text += f"; continued after the {self.resumed} lines of the partial output"
         if self.resent:
-            text += f"; {self.resent} batches re-sent after a server was lost"
+            text += f"; {plural(self.resent, 'batch', 'batches')} re-sent after a server was lost"
         return text
 
 
@@ -1267,8 +1267,6 @@ def check_reply(server, request, embedding, tokens, hidden):
     if problem:
         raise RunError(f"server {server.name} sent a malformed reply (request {request.kind} of {n} sentences): "
                        f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
-
-
 
 
 class Parked:
@@ -1821,12 +1819,12 @@ def settings_of_mode(model, given):
     that was given raises UsageError, naming it.
     """
     mode, other = ("model", "server") if model is not None else ("server", "model")
-    wrong = "/".join("--" + name.replace("_", "-") for name in MODE_OPTIONS[other] if given.get(name) is not None)
+    wrong = ["--" + name.replace("_", "-") for name in MODE_OPTIONS[other] if given.get(name) is not None]
     if wrong and mode == "model":
-        raise UsageError(f"--model runs the model in this process; leave out {wrong}")
+        raise UsageError(f"--model runs the model in this process; leave out {'/'.join(wrong)}")
     if wrong:
-        raise UsageError(f"{wrong} go with --model; a server's layer, length and precision are set by "
-                         f"bert-serving-start (-pooling_layer, -max_seq_len, -fp16)")
+        raise UsageError(f"{'/'.join(wrong)} {'goes' if len(wrong) == 1 else 'go'} with --model; a server's layer, "
+                         f"length and precision are set by bert-serving-start (-pooling_layer, -max_seq_len, -fp16)")
     return {name: default if given.get(name) is None else given[name] for name, default in MODE_OPTIONS[mode].items()}
 
 
@@ -1874,6 +1872,8 @@ class TokenEmbedder:
 
     def embed_iter(self, texts):
         """Yield one array per text (a string, or a list of pre-split tokens), in order; texts are read as needed."""
+        if isinstance(texts, str):   # it would be read as one text per character
+            raise UsageError("texts is one string; give a list of texts, e.g. [text]")
         return self.arrays(map(text_tokens, texts), Stats())
 
     def embed(self, texts):
@@ -2216,7 +2216,11 @@ class Hdf5Writer(BatchWriter):
             raise UsageError(f"-o {path} needs h5py: pip install h5py") from None
         super().__init__([StagedFile(path, resume)])
         self.h5py = h5py
-        self.h5 = h5py.File(self.files[0].temporary, "w")
+        try:
+            self.h5 = h5py.File(self.files[0].temporary, "w")
+        except OSError as err:
+            self.files[0].discard()
+            raise UsageError(f"cannot write {path} ({err}); choose another -o") from None
         self.stack = stack
         self.texts = collections.deque()   # sentences read and not yet written
         self.index = {}
@@ -2452,9 +2456,7 @@ def build_parser():
                         help="plain (default): a sentence per line; conllu: CoNLL-U, a sentence per block, the FORM "
                              "column; conll: CoNLL-2003, a sentence per block, the first column")
     parser.add_argument("-o", "--output", default="output.pkl",
-                        help="where to write, by extension: NAME.pkl or NAME.pickle (default: output.pkl), NAME.npy "
-                             "for a memory-mappable matrix plus NAME.offsets.npy, NAME.hdf5 or NAME.h5 for AllenNLP's "
-                             "HDF5 layout (needs h5py)")
+                        help=f"where to write, by extension: {names_of(OUTPUT_FORMATS.values())} (default: output.pkl)")
     parser.add_argument("--merge", choices=MERGES, default="mean",
                         help=f"how a token's piece rows become one row: {', '.join(MERGES)} (default: mean)")
     server = parser.add_argument_group("server mode (bert-serving-server)")
@@ -2498,7 +2500,8 @@ def build_parser():
                              "default), or replace them with U+FFFD, or drop them")
     parser.add_argument("--resume", action="store_true",
                         help="keep partial work in OUTPUT.partial if the run stops, and continue it when the same "
-                             "command runs again with --resume (.pkl and .npy outputs)")
+                             "command runs again with --resume (outputs "
+                             + ", ".join(s for s, c in OUTPUT_FORMATS.items() if c.RESUMABLE) + ")")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar, no summary line and no note of what is loaded or asked")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -2599,7 +2602,8 @@ def check_options(args):
             raise UsageError("no INPUT given, and standard input is a pipe or a file: give - to read it "
                              "(or name the file to read)")
         args.input = "input.txt"
-    if args.stack_layers and not (output_format(args.output) is Hdf5Writer and len(parse_layers(args.layer)) > 1):
+    if args.stack_layers and not (args.model and output_format(args.output) is Hdf5Writer
+                                  and len(parse_layers(args.layer)) > 1):
         raise UsageError("--stack-layers goes with several --layer (embedded mode) and -o NAME.hdf5 or NAME.h5")
     try:
         args.encoding = codecs.lookup(args.encoding).name
@@ -2744,11 +2748,18 @@ def run(args, stats):
         output.write_all(embedder.arrays(sentences, stats), done, embedder.hidden)
 
 
+def kept_work_note(args):
+    """Where the partial work a stopped --resume run kept is, and how many lines it holds; "" if none was kept."""
+    if not partial_work_kept(args):
+        return ""
+    record = Checkpoint(args.output, None, ()).load() or {}
+    return (f"; the partial work ({plural(record.get('lines', 0), 'line')}) is in {args.output}.partial: "
+            f"run the same command again to continue it")
+
+
 def resume_hint(args):
-    """What to say about the partial work a failed run kept."""
-    if partial_work_kept(args):
-        return f"; the partial work is in {args.output}.partial: run the same command again to continue it"
-    return "" if args.resume else "; --resume keeps partial work of long runs"
+    """What to say about the partial work a failed run kept, or about --resume."""
+    return kept_work_note(args) or ("" if args.resume else "; --resume keeps partial work of long runs")
 
 
 def on_signal(number, frame):
@@ -2785,8 +2796,8 @@ def main(argv=None):
     stats = Stats()
     try:
         run(args, stats)
-    except UsageError as err:
-        return usage_error(err)
+    except UsageError as err:   # an input problem may come after some lines were done
+        return usage_error(f"{err}{kept_work_note(args)}")
     except RunError as err:
         print(f"{PREFIX}: error: {err} ({plural(stats.lines, 'line')} done; {args.output} was left as it was"
               f"{resume_hint(args)})", file=sys.stderr)

@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import bert_token_embed
+import bert_token_embed
 from bert_token_embed import ServerUnicode, basic_tokens
 from standin_server import VOCAB_UNCASED, StandinServer, make_cased_vocab
 
@@ -40,7 +41,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bert_token_embed.py"
 SEPARATOR = "\t"  # what the tool joins a window's tokens with (bert_token_embed.SEPARATOR)
-MERGES = ("mean", "last", "first", "sum", "max")
+MERGES = bert_token_embed.MERGES   # every strategy the tool has
 
 # "ci" (the default): 200 examples, the same ones every run (derandomized), about 550 random lines
 # for the main property in tests/test_property.py. HYPOTHESIS_PROFILE=thorough: 1500 fresh ones.

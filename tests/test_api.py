@@ -99,6 +99,7 @@ def test_no_server_raises_a_usage_error_naming_it_and_the_way_without_one():
     (dict(texts=["x"], servers="h:notaport"), "numeric ports"),
     (dict(texts=["x"], model="m", servers="h"), "not both"),
     (dict(texts=["x"], model="minilm", layer="a,b"), "expected integers"),
+    (dict(texts="Hello World"), "texts is one string; give a list of texts"),
 ])
 def test_bad_calls_raise_usage_errors(srv, call, words):
     call.setdefault("servers", None if "model" in call else address(srv))

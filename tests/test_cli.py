@@ -234,7 +234,7 @@ def test_non_utf8_input_exits_2_naming_the_line(srv, run_cli, tmp_path, expect):
     source.write_bytes(b"Hello World !\nab\xffc d\n")
     rc, _, err = run_cli([source, "-o", tmp_path / "out.pkl", *expect.server_args(srv)])
     assert rc == 2
-    assert "line 2" in err and "byte offset 16" in err
+    assert "line 2" in err and "byte 16 of the file" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out.pkl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
@@ -494,8 +494,8 @@ def test_token_longer_than_a_window_keeps_all_its_pieces_when_checked_with_the_s
     (["--timeout", "nan"], "--timeout nan"),
     (["--timeout", "0"], "--timeout 0"),
     (["--in-flight", "0"], "--in-flight must be at least 1"),
-    (["--layer", "-1"], "go with --model"),
-    (["--max-seq-len", "64"], "go with --model"),
+    (["--layer", "-1"], "goes with --model"),
+    (["--max-seq-len", "64"], "goes with --model"),
     (["--encoding", "utf-16"], "iconv -f utf-16 -t utf-8"),
 ])
 def test_options_that_cannot_work_are_one_line_before_any_work(run_cli, tmp_path, args, words):

@@ -1,6 +1,7 @@
 """Faults and hostile input: nothing hangs, nothing is lost, every failure is one line that says what to do."""
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -278,14 +279,27 @@ def test_resume_continues_an_interrupted_run(tmp_path, uncased_server, run_cli):
         err = interrupted_run(source, out, srv)
         assert "run the same command again to continue it" in err
         assert {"out.npy.partial", "out.offsets.npy.partial", "out.npy.partial.json"} <= set(listing(tmp_path))
+        kept = re.search(r"the partial work \((\d+) lines\)", err).group(1)
         status, _, err = run_cli([source, "-o", out, *server_args(srv), "--batch-size", "64", "--resume"])
         assert status == 0, err
-        assert "continued after the" in err
+        assert f"continued after the {kept} lines" in err   # the message said what was kept
         status, _, err = run_cli([source, "-o", tmp_path / "whole.npy", *server_args(srv), "--batch-size", "64", "-q"])
         assert status == 0, err
     assert set(listing(tmp_path)) == {"in.txt", "out.npy", "out.offsets.npy", "whole.npy", "whole.offsets.npy"}
     np.testing.assert_array_equal(np.load(tmp_path / "out.offsets.npy"), np.load(tmp_path / "whole.offsets.npy"))
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), np.load(tmp_path / "whole.npy"), atol=1e-6)
+
+
+def test_an_input_error_after_kept_work_says_where_the_partial_work_is(tmp_path, uncased_server, run_cli):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"".join(b"line %d\n" % k for k in range(3000)) + b"bad \xff\n")
+    out = tmp_path / "out.pkl"
+    with uncased_server(max_seq_len=None, hidden=4) as srv:
+        status, _, err = run_cli([source, "-o", out, *server_args(srv), "--resume", "-q"])
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "line 3001 is not valid utf-8" in err
+    assert re.search(r"the partial work \((\d+) lines\) is in .*out\.pkl\.partial: run the same command", err), err
+    assert "out.pkl.partial.json" in set(listing(tmp_path))
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def test_a_server_that_accepts_but_never_answers_is_named_after_the_wait(tmp_pat
 
 def test_input_problems_come_before_a_model_loads_or_a_server_is_asked(tmp_path, timed):
     (tmp_path / "in.txt").write_bytes(b"fine\n\xe9t\xe9\n")
-    expected = PREFIX + f"{tmp_path / 'in.txt'}: line 2 is not valid utf-8 (byte offset 5): use --encoding to name " \
+    expected = PREFIX + f"{tmp_path / 'in.txt'}: line 2 is not valid utf-8 (byte 5 of the file): use --encoding to name " \
                         f"the file's encoding, or --errors replace to go on\n"
     port = free_port_pair()
     status, err, _ = timed([tmp_path / "in.txt", "-o", tmp_path / "o.pkl", "--port", port, "-q"])

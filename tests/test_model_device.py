@@ -86,5 +86,5 @@ def test_the_next_chunk_is_read_ahead_and_its_input_error_still_stops_the_run(fl
 
 def test_dtype_goes_with_model():
     args = tool.build_parser().parse_args(["--dtype", "float16"])
-    with pytest.raises(tool.UsageError, match="--dtype go with --model"):
+    with pytest.raises(tool.UsageError, match="--dtype goes with --model"):
         tool.check_options(args)

@@ -40,7 +40,7 @@ def test_the_command_line_fills_in_the_mode_and_the_input():
 
 @pytest.mark.parametrize("argv, words", [
     (["--model", "m", "--ip", "h"], "leave out --ip"),
-    (["--device", "cpu"], "--device go with --model"),
+    (["--device", "cpu"], "--device goes with --model"),
     (["-o", "out.txt"], r"unknown output format \.txt; name it NAME\.pkl or NAME\.pickle \(pickle\), NAME\.npy "
                         r"\(a matrix plus NAME\.offsets\.npy\), NAME\.hdf5 or NAME\.h5 \(HDF5, needs h5py\)$"),
     (["-o", "out"], r"unknown output format \(no extension\)"),
@@ -48,7 +48,9 @@ def test_the_command_line_fills_in_the_mode_and_the_input():
     (["--model", "m", "--layer", "-1,-2", "--stack-layers", "-o", "x.npy"], "--stack-layers goes with"),
     (["--encoding", "klingon"], "unknown encoding 'klingon'"),
     (["--encoding", "utf-16"], "convert the file first: iconv -f utf-16"),
-    (["--layer", "x"], "--layer go with --model"),
+    (["--layer", "x"], "--layer goes with --model"),
+    (["--layer", "-1,-2", "--stack-layers", "-o", "x.hdf5"], "--layer goes with --model"),
+    (["--stack-layers", "-o", "x.hdf5"], "--stack-layers goes with several --layer"),   # server mode, no --layer
 ])
 def test_combinations_that_cannot_work_are_refused(argv, words):
     with pytest.raises(tool.UsageError, match=words):
