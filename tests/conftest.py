@@ -29,7 +29,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import bert_token_embed
-import bert_token_embed
 from bert_token_embed import ServerUnicode, basic_tokens
 from standin_server import VOCAB_UNCASED, StandinServer, make_cased_vocab
 
