@@ -885,6 +885,42 @@ def batch_bounds(sizes, batch_size):
     return bounds
 
 
+class BackgroundCall:
+    """A call run on a thread of its own, once started, while the caller goes on: ``result()`` returns what it returned or raises what it raised.
+
+    The thread is a daemon: a run stopped early does not wait for it (it may be blocked
+    reading standard input, or writing).
+    """
+
+    def __init__(self, function):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self.call, args=(function,), daemon=True)
+
+    def start(self):
+        """Start the call; return this object."""
+        self.thread.start()
+        return self
+
+    def call(self, function):
+        """Run the function, keeping its value or what it raised."""
+        try:
+            self.value = function()
+        except BaseException as err:   # handed to the caller by result()
+            self.error = err
+
+    def wait(self):
+        """Wait for the call to end, if it was started (a signal may have come before)."""
+        if self.thread.ident is not None:
+            self.thread.join()
+
+    def result(self):
+        """Wait for the call; its value, or raise what it raised."""
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Stats:
     """What the one-line summary reports; ``on_line``, if set, is called with each finished line's token count."""
 
@@ -1672,33 +1708,6 @@ class LocalModel(Backend):
         return embed_locally(sentences, self, how, batch_size, MODEL_CHUNK_BATCHES * batch_size, stats)
 
 
-class ReadAhead:
-    """A call run on a thread of its own, so that the caller goes on meanwhile; ``result()`` returns what it returned or raises what it raised.
-
-    The thread is a daemon: a run stopped early does not wait for it (it may be blocked
-    reading standard input).
-    """
-
-    def __init__(self, function):
-        self.value = self.error = None
-        self.thread = threading.Thread(target=self.call, args=(function,), daemon=True)
-        self.thread.start()
-
-    def call(self, function):
-        """Run the function, keeping its value or what it raised."""
-        try:
-            self.value = function()
-        except BaseException as err:   # handed to the caller by result()
-            self.error = err
-
-    def result(self):
-        """Wait for the call; its value, or raise what it raised."""
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 def tokenized_chunks(sentences, model, chunk_lines):
     """Yield (chunk of sentences, each one's (piece ids, word ids)), the next chunk read and tokenized while this one computes."""
     sentences = iter(sentences)
@@ -1708,12 +1717,12 @@ def tokenized_chunks(sentences, model, chunk_lines):
         chunk = list(itertools.islice(sentences, chunk_lines))
         return chunk, model.pieces(chunk)
 
-    coming = ReadAhead(next_chunk)
+    coming = BackgroundCall(next_chunk).start()
     while True:
         chunk, encoded = coming.result()
         if not chunk:
             return
-        coming = ReadAhead(next_chunk)
+        coming = BackgroundCall(next_chunk).start()
         yield chunk, encoded
 
 
@@ -1989,8 +1998,8 @@ class BatchWriter:
     def __init__(self, files):
         self.files = files
         self.pending = []
-        self.writing = None   # the thread writing the previous batch
-        self.failure = None   # what that thread raised
+        self.writing = None   # the BackgroundCall writing the previous batch
+        self.failure = None   # what writing a batch raised
         self.lines = 0        # lines wholly in the files
         self.sizes = None     # the files' sizes after them
 
@@ -2019,15 +2028,8 @@ class BatchWriter:
         if len(self.pending) >= WRITE_BATCH_LINES:
             self.wait()
             batch, self.pending = self.pending, []
-            self.writing = threading.Thread(target=self.write_in_background, args=(batch,), daemon=True)
+            self.writing = BackgroundCall(lambda: self.write_whole(batch))
             self.writing.start()
-
-    def write_in_background(self, batch):
-        """Write one batch, keeping what it raises for the main thread."""
-        try:
-            self.write_whole(batch)
-        except BaseException as err:   # handed to the main thread by wait()
-            self.failure = err
 
     def write_whole(self, batch):
         """Write a batch after the last whole one, then count it."""
@@ -2037,8 +2039,9 @@ class BatchWriter:
 
     def stop(self):
         """Wait until the batch being written, if any, is done with."""
-        if self.writing and self.writing.ident is not None:   # a thread stopped before it started wrote nothing
-            self.writing.join()
+        if self.writing:
+            self.writing.wait()
+            self.failure = self.failure or self.writing.error
         self.writing = None
 
     def wait(self):
