@@ -812,6 +812,16 @@ def token_rows(sentence, how, hidden):
     return merge_segments(np.concatenate([u.rows for u in sentence.units]), sentence.token_counts(), how)
 
 
+def runs_index(starts, sizes):
+    """The positions of runs of consecutive rows, one run after another: starts[k] .. starts[k] + sizes[k] - 1 for each k.
+
+    Built for all runs at once (one arange and one repeat), not one arange per run.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64)
+                                                                   - (np.cumsum(sizes) - sizes), sizes)
+
+
 def merge_parts(parts, how):
     """Store the kept rows of one reply's windows: one gather and merge per source array for whole lines, a copy of the pieces' rows for long ones.
 
@@ -828,10 +838,7 @@ def merge_parts(parts, how):
             by_source.setdefault(id(source), (source, []))[1].append((window.sentence, start, counts))
     for source, members in by_source.values():
         sentences, starts, counts = zip(*members)
-        # The pieces' row numbers in the source, built for all lines at once: each line's rows are consecutive.
-        sizes = np.fromiter(map(sum, counts), dtype=np.int64, count=len(counts))
-        index = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(np.array(starts) - (np.cumsum(sizes) - sizes),
-                                                                        sizes)
+        index = runs_index(starts, np.fromiter(map(sum, counts), dtype=np.int64, count=len(counts)))
         merged = merge_segments(source, list(itertools.chain.from_iterable(counts)), how, index)
         for sentence, line_counts, end in zip(sentences, counts, itertools.accumulate(map(len, counts))):
             sentence.store(0, line_counts, merged[end - len(line_counts):end])
@@ -1785,7 +1792,7 @@ def merge_batch(states, batch, head, counts, how, merged, pieces):
     whole = [(i, w) for i, w in enumerate(batch) if w.whole]
     if whole:
         width = states.shape[1]
-        index = np.concatenate([np.arange(len(w.ids)) + (i * width + head) for i, w in whole])
+        index = runs_index([i * width + head for i, _ in whole], [len(w.ids) for _, w in whole])
         rows = merge_segments(states.reshape(-1, states.shape[2]), np.concatenate([counts[w.line] for _, w in whole]),
                               how, index)
         offset = 0
