@@ -31,6 +31,11 @@ disk; ``--output-dir`` chooses another):
 * with ``--memory``: peak RSS at 40,000 and 200,000 lines (1 µs, 64-d: per-line
   state that is never freed shows most where rows are small).
 
+Before any of them, a 4 GB file is written and removed (a fresh virtual machine's
+first touch of each page of memory costs several times what the page then costs), and
+before each timed run the page cache is written back (``sync``), so that no run pays
+for an earlier one's output going to disk: without these, the same run varied by 2x.
+
 Server and client share this machine's cores, so the figures are pessimistic for a
 server on its own GPU machine.
 """
@@ -51,6 +56,7 @@ from corpus import make_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tests", "standin_server.py")
+WARM_UP_BYTES = 4 << 30   # more than any run's output (2.7 GB) with its replies in flight
 GOALS = {"wall_1us": 3.0, "cpu_floor": 1.5, "wall_5us_40k": 1.25, "wall_5us_4k": 2.0, "python_us": 1.0, "rss": 1.10}
 
 
@@ -72,11 +78,33 @@ def stop_server(proc):
     return json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
 
 
+def settle_disk():
+    """Write back every dirty page before a timed run, so that no run pays for an earlier run's output being written out."""
+    os.sync()
+
+
+def warm_up_memory(scratch, nbytes=WARM_UP_BYTES):
+    """Write and remove a file of ``nbytes``, so the page cache's pages have been touched before any timed run.
+
+    On a fresh virtual machine the first touch of each page of memory costs the guest
+    kernel a fault into the host (about 2 CPU-s per GB here): without this, whichever run
+    first writes gigabytes pays for it, and the floor, measured later, does not.
+    """
+    path = os.path.join(scratch, "warm-up.bin")
+    block = bytes(1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(nbytes >> 20):
+            f.write(block)
+    os.unlink(path)
+    settle_disk()
+
+
 def timed(command, timeout=None, stdout=subprocess.DEVNULL):
     """Run a command; return (seconds, peak RSS in MiB, CPU seconds) of that child alone.
 
     A command still running after ``timeout`` seconds is killed and TimeoutError raised.
     """
+    settle_disk()
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE)
     killer = threading.Timer(timeout, proc.kill) if timeout else None
@@ -172,9 +200,8 @@ def measure_floor(scratch, run, hidden):
     """The floor of a run's bytes: CPU seconds to receive its replies' bytes, gather its kept rows and write them.
 
     Returns (the floor, its part without the writing): the second is measured by a
-    receiver that writes to /dev/null, which costs nothing. Writing to the page cache
-    costs this machine more or less CPU from one run to the next (as memory fills with
-    cached pages), so the floor is the cheaper of two runs.
+    receiver that writes to /dev/null, which costs nothing. The floor is the cheaper of
+    two runs, which errs against the tool, timed once.
     """
     messages = run["requests"]
     nbytes = run["padded"] // messages * hidden * 4
@@ -182,6 +209,7 @@ def measure_floor(scratch, run, hidden):
     output = os.path.join(scratch, "floor.bin")
     cpu = []
     for path in (output, output, os.devnull):
+        settle_disk()
         result = subprocess.run([sys.executable, __file__, "--floor-receiver", str(messages), str(nbytes), str(kept),
                                  str(hidden), path], capture_output=True, text=True)
         if result.returncode:
@@ -258,6 +286,7 @@ def main():
         return
     TOOL = os.path.abspath(args.tool)
     with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
+        warm_up_memory(scratch)
         fixed = measure(scratch, "1 line", 1, 5.0)
         fast = measure(scratch, "1 us 768-d", 40000, 1.0)
         fast_floor = measure_floor(scratch, fast, 768)
