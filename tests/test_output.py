@@ -1,7 +1,9 @@
 """The two output formats: a streamed pickle that loads as one list, and NAME.npy + NAME.offsets.npy."""
 
+import errno
 import pickle
 import pickletools
+import threading
 import warnings
 
 import numpy as np
@@ -138,6 +140,90 @@ def test_a_batch_write_stopped_part_way_is_cut_off_and_not_counted(tmp_path, nam
     assert len(loaded) == 10
     for array, back in zip(arrays, loaded):
         np.testing.assert_array_equal(back, array)
+
+
+def numbered_lines(count):
+    """``count`` one-row arrays whose values are their line numbers, from 0."""
+    return [np.full((1, 4), i, np.float32) for i in range(count)]
+
+
+def test_a_chunk_of_full_batches_waits_for_the_writer_thread_while_the_caller_goes_on(tmp_path):
+    """A chunk's lines are done together; the server loop hands them over and goes on sending, however slow the
+    disk: up to WRITE_QUEUE_BATCHES batches wait, behind the one being written, and reach the file in order."""
+    began, release = threading.Event(), threading.Event()
+
+    class SlowDisk(tool.PickleWriter):
+        def write_batch(self, arrays):
+            began.set()
+            release.wait(5)   # were write() to wait for the disk, it would be after this
+            super().write_batch(arrays)
+
+    writer = SlowDisk(str(tmp_path / "out.pkl"), resume=False)
+    writer.start(4)
+    n = tool.WRITE_BATCH_LINES
+    arrays = numbered_lines((tool.WRITE_QUEUE_BATCHES + 1) * n + 7)
+    for array in arrays[:n]:
+        writer.write(array)
+    assert began.wait(5)   # the writer thread holds the first batch
+    for array in arrays[n:]:
+        writer.write(array)
+    assert writer.queued.qsize() == tool.WRITE_QUEUE_BATCHES and writer.lines == 0
+    release.set()
+    writer.commit(4)
+    assert [int(array[0, 0]) for array in load_pickle(tmp_path / "out.pkl")] == list(range(len(arrays)))
+    assert writer.writing is None   # the thread ended with the run
+
+
+def test_a_batch_the_disk_refused_is_raised_to_the_caller_and_later_batches_are_dropped(tmp_path):
+    """ENOSPC on the writer thread: a later write raises it, the batches queued behind it are never written,
+    and the files still end after the last whole batch."""
+    class FullDisk(tool.PickleWriter):
+        def write_batch(self, arrays):
+            if self.lines:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write_batch(arrays)
+
+    writer = FullDisk(str(tmp_path / "out.pkl"), resume=True)
+    writer.start(4)
+    n = tool.WRITE_BATCH_LINES
+    with pytest.raises(OSError, match="No space"):
+        for array in numbered_lines((tool.WRITE_QUEUE_BATCHES + 4) * n):
+            writer.write(array)
+    writer.stop()
+    assert writer.lines == n and writer.writing is None and writer.queued.empty()
+    assert writer.sizes == [writer.files[0].file.seek(0, 2)]
+
+
+class TruncateSpy:
+    """A file object that records where each truncate() cut it."""
+
+    def __init__(self, file):
+        self.file, self.cuts = file, []
+
+    def truncate(self):
+        self.cuts.append(self.file.tell())
+        return self.file.truncate()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+@pytest.mark.parametrize("name", ["out.pkl", "out.npy"])
+def test_an_output_is_truncated_only_where_a_failed_write_left_bytes(tmp_path, name):
+    """ext4 writes out a file that was truncated to 0 bytes whole when it is closed (auto_da_alloc), which held
+    the end of a 2.7 GB run up by 0.9 s: a new file is never truncated, a cut back only cuts what is there."""
+    writer = tool.open_writer(str(tmp_path / name), False, 1)
+    for staged in writer.files:
+        staged.file = TruncateSpy(staged.file)
+    writer.start(4)
+    for array in numbered_lines(300):
+        writer.write(array)
+    writer.flush()
+    assert [staged.file.cuts for staged in writer.files] == [[]] * len(writer.files)
+    writer.files[0].file.write(b"half a line")
+    writer.cut_back()
+    assert [staged.file.cuts for staged in writer.files] == [[writer.sizes[0]]] + [[]] * (len(writer.files) - 1)
+    writer.commit(4)
 
 
 def test_npy_and_offsets_equal_the_pickle(outputs):
