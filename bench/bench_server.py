@@ -8,6 +8,7 @@ bert-serving-server does with -max_seq_len NONE) and returns real-sized rows.
 Every figure below comes from one run of this script, side by side:
 
     python bench/bench_server.py                 # the goals of issue 12
+    python bench/bench_server.py --rounds 3      # three rounds of every run, the goals judged on the medians
     python bench/bench_server.py --memory        # and peak RSS at 40,000 vs 200,000 lines
     python bench/bench_server.py --original      # and the original loop at 4,000 and 40,000 lines
     python bench/bench_server.py --tool OLD.py   # another version of bert_token_embed.py, to compare
@@ -36,7 +37,7 @@ time between its first request and its last (the tool leaving it without work); 
 rest of the wall is the run's start (configuration, first chunk) and end (the last
 lines written).
 
-Before any of them, a 4 GB file is written and removed (a fresh virtual machine's
+Before any of them, a process touches 4 GB of memory (a fresh virtual machine's
 first touch of each page of memory costs several times what the page then costs), and
 before each timed run the page cache is written back (``sync``), so that no run pays
 for an earlier one's output going to disk: without these, the same run varied by 2x.
@@ -51,6 +52,7 @@ import os
 import pickle
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,24 +90,19 @@ def settle_disk():
     os.sync()
 
 
-def warm_up_memory(scratch, nbytes=WARM_UP_BYTES):
-    """Write and remove a file of ``nbytes``, so the page cache's pages have been touched before any timed run.
+def warm_up_memory(nbytes=WARM_UP_BYTES):
+    """Touch ``nbytes`` of memory in a process of its own, so that no timed run is the first to touch its pages.
 
     On a fresh virtual machine the first touch of each page of memory costs the guest
     kernel a fault into the host (about 2 CPU-s per GB here): without this, whichever run
-    first writes gigabytes pays for it, and the floor, measured later, does not.
+    first writes gigabytes to the page cache pays for it, and the floor, measured later,
+    does not. (Writing and removing a file instead left ext4 slower for the next runs.)
     """
-    path = os.path.join(scratch, "warm-up.bin")
-    block = bytes(1 << 20)
-    with open(path, "wb", buffering=0) as f:
-        for _ in range(nbytes >> 20):
-            f.write(block)
-    os.unlink(path)
-    settle_disk()
+    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({nbytes}, numpy.uint8)"], check=True)
 
 
 def timed(command, timeout=None, stdout=subprocess.DEVNULL):
-    """Run a command; return (seconds, peak RSS in MiB, CPU seconds) of that child alone.
+    """Run a command; return (seconds, peak RSS in MiB, CPU seconds, of them in the kernel) of that child alone.
 
     A command still running after ``timeout`` seconds is killed and TimeoutError raised.
     """
@@ -123,7 +120,7 @@ def timed(command, timeout=None, stdout=subprocess.DEVNULL):
             raise TimeoutError(f"{command[1]} ran past {timeout} s")
     if status != 0:
         raise SystemExit(f"{command} failed: {proc.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, usage.ru_stime
 
 
 def original_loop(corpus, output, port, port_out):
@@ -251,16 +248,67 @@ def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original
         command = [sys.executable, TOOL, corpus, "-o", out,
                    "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
     try:
-        seconds, rss, cpu = timed(command)
+        seconds, rss, cpu, kernel = timed(command)
     finally:
         stats = stop_server(proc)
     written = os.path.getsize(out)
     os.unlink(out)
     limit = stats["useful_positions"] * cost_us / 1e6
-    return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu,
+    return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu, sys=kernel,
                 busy=stats["busy_seconds"], idle=stats["idle_seconds"], padded=stats["padded_positions"],
                 useful=stats["useful_positions"],
                 limit=limit, requests=stats["requests"], written=written)
+
+
+def one_round(scratch, args):
+    """Every run of one round, by name, with the floors of the 1 us runs' bytes."""
+    runs = {"fixed": measure(scratch, "1 line", 1, 5.0)}
+    runs["fast"] = measure(scratch, "1 us 768-d", 40000, 1.0)
+    runs["fast"]["floor"], runs["fast"]["floor_in"] = measure_floor(scratch, runs["fast"], 768)
+    runs["slow"] = measure(scratch, "5 us 768-d", 40000, 5.0)
+    runs["small"] = measure(scratch, "5 us 768-d", 4000, 5.0)
+    runs["narrow"] = measure(scratch, "1 us 64-d", 40000, 1.0, hidden=64)
+    runs["narrow"]["floor"], runs["narrow"]["floor_in"] = measure_floor(scratch, runs["narrow"], 64)
+    if args.memory:
+        runs["wide"] = measure(scratch, "1 us 64-d", 200000, 1.0, hidden=64)
+    if args.original:
+        for lines in (4000, 40000):
+            runs[f"original {lines}"] = measure(scratch, "original loop", lines, 5.0, original=True)
+    return runs
+
+
+def print_round(number, runs):
+    """The table of one round's runs, and its fixed cost and floors."""
+    print(f"round {number}:")
+    print(f"  {'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'sys s':>6} {'RSS MiB':>8} {'busy s':>7} {'idle s':>6} "
+          f"{'pad/use':>7} {'limit s':>7} {'wall/limit':>10} {'requests':>8} {'written MB':>10}")
+    for r in runs.values():
+        print(f"  {r['label']:<14} {r['lines']:>6} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['sys']:>6.2f} {r['rss']:>8.0f} "
+              f"{r['busy']:>7.2f} {r['idle']:>6.2f} {r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} "
+              f"{r['wall'] / r['limit']:>10.2f} {r['requests']:>8} {r['written'] / 1e6:>10.0f}")
+    fixed, fast, narrow = runs["fixed"], runs["fast"], runs["narrow"]
+    print(f"  fixed cost of a run (the 1-line input): {fixed['wall']:.2f} s wall, {fixed['cpu']:.2f} s CPU")
+    print(f"  floor of the 1 us 768-d run's bytes ({fast['requests']} replies, "
+          f"{fast['padded'] * 768 * 4 / 1e9:.2f} GB in, {fast['tokens'] * 768 * 4 / 1e9:.2f} GB out): "
+          f"{fast['floor']:.2f} CPU s ({fast['floor_in']:.2f} receiving and gathering, "
+          f"{fast['floor'] - fast['floor_in']:.2f} writing); of the 64-d run's: {narrow['floor']:.2f} CPU s "
+          f"({narrow['floor_in']:.2f} without the writing)")
+
+
+def figures_of(runs, args):
+    """The goals' figures of one round: (name, value, goal)."""
+    fixed, fast, slow, small, narrow = (runs[name] for name in ("fixed", "fast", "slow", "small", "narrow"))
+    figures = [
+        ("1 us, 40,000 lines: wall / limit", fast["wall"] / fast["limit"], GOALS["wall_1us"]),
+        ("1 us, 40,000 lines: client CPU / floor", fast["cpu"] / fast["floor"], GOALS["cpu_floor"]),
+        ("5 us, 40,000 lines: wall / limit", slow["wall"] / slow["limit"], GOALS["wall_5us_40k"]),
+        ("5 us, 4,000 lines: wall / limit", small["wall"] / small["limit"], GOALS["wall_5us_4k"]),
+        ("64-d: Python us per token", (narrow["cpu"] - fixed["cpu"] - narrow["floor"]) / narrow["tokens"] * 1e6,
+         GOALS["python_us"]),
+    ]
+    if args.memory:
+        figures.append(("peak RSS, 200,000 / 40,000 lines", runs["wide"]["rss"] / narrow["rss"], GOALS["rss"]))
+    return figures
 
 
 def verdict(value, goal):
@@ -270,6 +318,8 @@ def verdict(value, goal):
 def main():
     global TOOL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of every run; the goals are judged on each figure's median (default: 1)")
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 40,000 vs 200,000 lines (64-d)")
     parser.add_argument("--original", action="store_true", help="also the original loop at 5 us, 4,000 and 40,000 lines")
     parser.add_argument("--output-dir", help="where corpora and outputs go (default: a temporary directory on disk)")
@@ -292,54 +342,25 @@ def main():
         return
     TOOL = os.path.abspath(args.tool)
     with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
-        warm_up_memory(scratch)
-        fixed = measure(scratch, "1 line", 1, 5.0)
-        fast = measure(scratch, "1 us 768-d", 40000, 1.0)
-        fast_floor = measure_floor(scratch, fast, 768)
-        slow = measure(scratch, "5 us 768-d", 40000, 5.0)
-        small = measure(scratch, "5 us 768-d", 4000, 5.0)
-        narrow = measure(scratch, "1 us 64-d", 40000, 1.0, hidden=64)
-        narrow_floor = measure_floor(scratch, narrow, 64)
-        runs = [fixed, fast, slow, small, narrow]
-        if args.memory:
-            memory = [narrow, measure(scratch, "1 us 64-d", 200000, 1.0, hidden=64)]
-            runs.append(memory[1])
-        if args.original:
-            runs += [measure(scratch, "original loop", lines, 5.0, original=True) for lines in (4000, 40000)]
+        warm_up_memory()
+        rounds = [one_round(scratch, args) for _ in range(args.rounds)]
     print(f"{TOOL}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
           f"--merge last; output pickled to a file on disk")
-    print(f"{'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'RSS MiB':>8} {'busy s':>7} {'idle s':>6} {'pad/use':>7} "
-          f"{'limit s':>7} {'wall/limit':>10} {'requests':>8} {'written MB':>10}")
-    for r in runs:
-        print(f"{r['label']:<14} {r['lines']:>6} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['rss']:>8.0f} {r['busy']:>7.2f} {r['idle']:>6.2f} "
-              f"{r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} {r['wall'] / r['limit']:>10.2f} "
-              f"{r['requests']:>8} {r['written'] / 1e6:>10.0f}")
-    print(f"fixed cost of a run (the 1-line input): {fixed['wall']:.2f} s wall, {fixed['cpu']:.2f} s CPU")
-    (fast_floor, fast_in), (narrow_floor, narrow_in) = fast_floor, narrow_floor
-    print(f"floor of the 1 us 768-d run's bytes ({fast['requests']} replies, "
-          f"{fast['padded'] * 768 * 4 / 1e9:.2f} GB in, {fast['tokens'] * 768 * 4 / 1e9:.2f} GB out): "
-          f"{fast_floor:.2f} CPU s ({fast_in:.2f} receiving and gathering, {fast_floor - fast_in:.2f} writing); "
-          f"of the 64-d run's: {narrow_floor:.2f} CPU s ({narrow_in:.2f} without the writing)")
-    python_us = (narrow["cpu"] - fixed["cpu"] - narrow_floor) / narrow["tokens"] * 1e6
-    figures = [
-        ("1 us, 40,000 lines: wall / limit", fast["wall"] / fast["limit"], GOALS["wall_1us"]),
-        ("1 us, 40,000 lines: client CPU / floor", fast["cpu"] / fast_floor, GOALS["cpu_floor"]),
-        ("5 us, 40,000 lines: wall / limit", slow["wall"] / slow["limit"], GOALS["wall_5us_40k"]),
-        ("5 us, 4,000 lines: wall / limit", small["wall"] / small["limit"], GOALS["wall_5us_4k"]),
-        ("64-d: Python us per token", python_us, GOALS["python_us"]),
-    ]
-    if args.memory:
-        figures.append(("peak RSS, 200,000 / 40,000 lines", memory[1]["rss"] / memory[0]["rss"], GOALS["rss"]))
-    print("goals (issue 12):")
-    for name, value, goal in figures:
-        print(f"  {name:<40} {value:>6.2f}   goal <= {goal:<5g} {verdict(value, goal)}")
-    print(f"  (1 us: client CPU after the fixed cost / floor: {(fast['cpu'] - fixed['cpu']) / fast_floor:.2f})")
+    for number, runs in enumerate(rounds, 1):
+        print_round(number, runs)
+    table = [figures_of(runs, args) for runs in rounds]
+    print(f"goals (issue 12), {len(rounds)} round{'s' * (len(rounds) > 1)}" + (", and their median:" if len(rounds) > 1 else ":"))
+    for k, (name, _, goal) in enumerate(table[0]):
+        values = [figures[k][1] for figures in table]
+        middle = statistics.median(values)
+        each = " ".join(f"{value:>6.2f}" for value in values) if len(values) > 1 else ""
+        print(f"  {name:<40} {each}  {middle:>6.2f}   goal <= {goal:<5g} {verdict(middle, goal)}")
     if args.original:
+        runs = rounds[-1]
         for lines in (4000, 40000):
-            tool = slow if lines == 40000 else small
-            orig = next(r for r in runs if r["label"] == "original loop" and r["lines"] == lines)
-            print(f"{lines} lines at 5 us: this tool is {orig['wall'] / tool['wall']:.1f}x faster than the original loop")
-
+            tool = runs["slow"] if lines == 40000 else runs["small"]
+            print(f"{lines} lines at 5 us: this tool is {runs[f'original {lines}']['wall'] / tool['wall']:.1f}x faster "
+                  f"than the original loop")
 
 if __name__ == "__main__":
     main()
