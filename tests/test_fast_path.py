@@ -58,10 +58,27 @@ def test_known_pieces_and_new_words():
     assert counter.spells(units, pieces) is None   # hankcs is not one piece
     counts = align(basic, pieces)
     counter.remember(units, counts, pieces)         # before the count is learnt: the estimates stay as they are
-    assert counter.look_up(["hankcs"])[1] == [1] and "hankcs" not in counter.spelled
+    assert counter.known["hankcs"] == (1, None)
     counter.learn(units, counts, estimates)         # as Sentence.accept does first
     counter.remember(units, counts, pieces)
     assert counter.spells(["here", "hankcs"], ["here", "hank", "##cs"]) == [1, 2]
     assert counter.spells(["hankcs", "now"], ["hank", "##cs", "now"]) == [2, 1]   # "now": new, one piece
     assert counter.spells(["now", "hankcs"], ["now", "hank", "##c", "##s"]) is None
     assert counter.spells(["hankcs"], ["[UNK]"]) is None
+
+
+def test_entries_taken_when_a_line_was_read_still_place_it_after_the_counts_changed():
+    """A line's entries are taken when it is read and its reply comes later: an entry holds a count and the pieces
+    that go with it, so an old one still places the line, and one without pieces sends it to the look-ups."""
+    counter = PieceCounter(lowercase=True)
+    units = ["hankcs", "is"]
+    counter.learn(units, [2, 1], counter.look_up(units)[1])
+    counter.remember(units, [2, 1], ["hank", "##cs", "is"])
+    entries = counter.entries(units)                   # as Sentence takes them
+    assert entries == [(2, "hank ##cs"), (1, "is")]
+    counter.learn(["hankcs"], [3], [2])                # a later reply changed the count: the pieces went with it
+    assert counter.known["hankcs"] == (3, None)
+    assert counter.spells(units, ["hank", "##cs", "is"], entries) == [2, 1]
+    assert counter.spells(units, ["hank", "##c", "##s", "is"], entries) is None
+    fresh = counter.entries(units)                     # no pieces known for hankcs now: looked up, as basic tokens
+    assert counter.spells(units, ["hankcs", "is"], fresh) == [1, 1] and counter.known["hankcs"] == (1, "hankcs")

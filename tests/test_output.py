@@ -1,6 +1,7 @@
 """The two output formats: a streamed pickle that loads as one list, and NAME.npy + NAME.offsets.npy."""
 
 import errno
+import os
 import pickle
 import pickletools
 import threading
@@ -224,6 +225,17 @@ def test_an_output_is_truncated_only_where_a_failed_write_left_bytes(tmp_path, n
     writer.cut_back()
     assert [staged.file.cuts for staged in writer.files] == [[writer.sizes[0]]] + [[]] * (len(writer.files) - 1)
     writer.commit(4)
+
+
+def test_write_all_goes_on_after_short_writes(tmp_path, monkeypatch):
+    """writev may write less than it was given (a signal, a pipe, a nearly full disk): the rest follows, in order."""
+    real_writev = os.writev
+    monkeypatch.setattr(tool.os, "writev", lambda fd, views: real_writev(fd, [bytes(views[0])[:5]]))
+    path = tmp_path / "out.bin"
+    parts = [b"0123456789", b"", b"abc", np.arange(4, dtype=np.float32)]
+    with open(path, "wb") as f:
+        tool.write_all(f.fileno(), [memoryview(part).cast("B") for part in parts])
+    assert path.read_bytes() == b"".join(bytes(memoryview(part).cast("B")) for part in parts)
 
 
 def test_npy_and_offsets_equal_the_pickle(outputs):
