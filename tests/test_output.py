@@ -148,9 +148,10 @@ def numbered_lines(count):
     return [np.full((1, 4), i, np.float32) for i in range(count)]
 
 
-def test_a_chunk_of_full_batches_waits_for_the_writer_thread_while_the_caller_goes_on(tmp_path):
+def test_a_chunk_of_full_batches_waits_for_the_writer_thread_while_the_caller_goes_on(tmp_path, monkeypatch):
     """A chunk's lines are done together; the server loop hands them over and goes on sending, however slow the
     disk: up to WRITE_QUEUE_BATCHES batches wait, behind the one being written, and reach the file in order."""
+    monkeypatch.setattr(tool, "WRITE_AT_ONCE_BYTES", 0)   # these small batches go to the thread too
     began, release = threading.Event(), threading.Event()
 
     class SlowDisk(tool.PickleWriter):
@@ -175,9 +176,10 @@ def test_a_chunk_of_full_batches_waits_for_the_writer_thread_while_the_caller_go
     assert writer.writing is None   # the thread ended with the run
 
 
-def test_a_batch_the_disk_refused_is_raised_to_the_caller_and_later_batches_are_dropped(tmp_path):
+def test_a_batch_the_disk_refused_is_raised_to_the_caller_and_later_batches_are_dropped(tmp_path, monkeypatch):
     """ENOSPC on the writer thread: a later write raises it, the batches queued behind it are never written,
     and the files still end after the last whole batch."""
+    monkeypatch.setattr(tool, "WRITE_AT_ONCE_BYTES", 0)
     class FullDisk(tool.PickleWriter):
         def write_batch(self, arrays):
             if self.lines:
@@ -193,6 +195,34 @@ def test_a_batch_the_disk_refused_is_raised_to_the_caller_and_later_batches_are_
     writer.stop()
     assert writer.lines == n and writer.writing is None and writer.queued.empty()
     assert writer.sizes == [writer.files[0].file.seek(0, 2)]
+
+
+def test_small_batches_are_written_at_once_and_big_ones_behind_them_by_the_thread(tmp_path, monkeypatch):
+    """A batch under WRITE_AT_ONCE_BYTES with nothing unwritten before it is written by the caller, with no thread;
+    a big one goes to the thread, and a small one after it waits its turn there, so the file keeps the order."""
+    n = tool.WRITE_BATCH_LINES
+    monkeypatch.setattr(tool, "WRITE_AT_ONCE_BYTES", n * 4 * 4 + 1)   # a batch of numbered_lines is 16 bytes a line
+    release = threading.Event()
+
+    class SlowDisk(tool.PickleWriter):
+        def write_batch(self, arrays):
+            if threading.current_thread() is not threading.main_thread():
+                release.wait(5)
+            super().write_batch(arrays)
+
+    writer = SlowDisk(str(tmp_path / "out.pkl"), resume=False)
+    writer.start(4)
+    small = numbered_lines(n)
+    for array in small:
+        writer.write(array)
+    assert writer.lines == n and writer.writing is None   # written at once, by the caller
+    big = [np.full((2, 4), n + i, np.float32) for i in range(n)]
+    for array in big + numbered_lines(n):
+        writer.write(array)
+    assert (writer.lines, writer.handed_over, writer.taken) == (n, 2, 0)   # the small one waits behind the big one
+    release.set()
+    writer.commit(4)
+    assert [int(array[0, 0]) for array in load_pickle(tmp_path / "out.pkl")] == list(range(2 * n)) + list(range(n))
 
 
 class TruncateSpy:
