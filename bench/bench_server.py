@@ -37,10 +37,10 @@ time between its first request and its last (the tool leaving it without work); 
 rest of the wall is the run's start (configuration, first chunk) and end (the last
 lines written).
 
-Before any of them, a process touches 4 GB of memory (a fresh virtual machine's
-first touch of each page of memory costs several times what the page then costs), and
-before each timed run the page cache is written back (``sync``), so that no run pays
-for an earlier one's output going to disk: without these, the same run varied by 2x.
+Before each timed run the page cache is written back (``sync``), so that no run pays
+for an earlier one's output going to disk, and a process touches 4 GB of memory: a
+virtual machine hands freed memory back to its host, and the first touch of each page
+after that costs several times its use. Without these, the same run varied by 2x.
 
 Server and client share this machine's cores, so the figures are pessimistic for a
 server on its own GPU machine.
@@ -63,7 +63,7 @@ from corpus import make_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tests", "standin_server.py")
-WARM_UP_BYTES = 4 << 30   # more than any run's output (2.7 GB) with its replies in flight
+WARM_UP_BYTES = 4 << 30   # memory touched before each timed run: more than its output (2.7 GB) and replies in flight
 GOALS = {"wall_1us": 3.0, "cpu_floor": 1.5, "wall_5us_40k": 1.25, "wall_5us_4k": 2.0, "python_us": 1.0, "rss": 1.10}
 
 
@@ -85,20 +85,17 @@ def stop_server(proc):
     return json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
 
 
-def settle_disk():
-    """Write back every dirty page before a timed run, so that no run pays for an earlier run's output being written out."""
-    os.sync()
+def settle():
+    """Before a timed run: write back every dirty page, and touch as much memory as the run will want.
 
-
-def warm_up_memory(nbytes=WARM_UP_BYTES):
-    """Touch ``nbytes`` of memory in a process of its own, so that no timed run is the first to touch its pages.
-
-    On a fresh virtual machine the first touch of each page of memory costs the guest
-    kernel a fault into the host (about 2 CPU-s per GB here): without this, whichever run
-    first writes gigabytes to the page cache pays for it, and the floor, measured later,
-    does not. (Writing and removing a file instead left ext4 slower for the next runs.)
+    Without the first, a run pays for an earlier run's output being written out. The
+    second is for virtual machines: a guest hands the memory it frees back to the host
+    after a few seconds (free page reporting), and the next touch of each page then costs
+    a fault into the host (about 2 CPU-s per GB here), so whichever run came after a pause
+    paid for its page cache several times over.
     """
-    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({nbytes}, numpy.uint8)"], check=True)
+    os.sync()
+    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({WARM_UP_BYTES}, numpy.uint8)"], check=True)
 
 
 def timed(command, timeout=None, stdout=subprocess.DEVNULL):
@@ -106,7 +103,7 @@ def timed(command, timeout=None, stdout=subprocess.DEVNULL):
 
     A command still running after ``timeout`` seconds is killed and TimeoutError raised.
     """
-    settle_disk()
+    settle()
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE)
     killer = threading.Timer(timeout, proc.kill) if timeout else None
@@ -211,7 +208,7 @@ def measure_floor(scratch, run, hidden):
     output = os.path.join(scratch, "floor.bin")
     cpu = []
     for path in (output, output, os.devnull):
-        settle_disk()
+        settle()
         result = subprocess.run([sys.executable, __file__, "--floor-receiver", str(messages), str(nbytes), str(kept),
                                  str(hidden), path], capture_output=True, text=True)
         if result.returncode:
@@ -254,8 +251,8 @@ def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original
     written = os.path.getsize(out)
     os.unlink(out)
     limit = stats["useful_positions"] * cost_us / 1e6
-    return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu, sys=kernel,
-                busy=stats["busy_seconds"], idle=stats["idle_seconds"], padded=stats["padded_positions"],
+    return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu,
+                sys=kernel, busy=stats["busy_seconds"], idle=stats["idle_seconds"], padded=stats["padded_positions"],
                 useful=stats["useful_positions"],
                 limit=limit, requests=stats["requests"], written=written)
 
@@ -342,14 +339,14 @@ def main():
         return
     TOOL = os.path.abspath(args.tool)
     with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
-        warm_up_memory()
         rounds = [one_round(scratch, args) for _ in range(args.rounds)]
     print(f"{TOOL}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
           f"--merge last; output pickled to a file on disk")
     for number, runs in enumerate(rounds, 1):
         print_round(number, runs)
     table = [figures_of(runs, args) for runs in rounds]
-    print(f"goals (issue 12), {len(rounds)} round{'s' * (len(rounds) > 1)}" + (", and their median:" if len(rounds) > 1 else ":"))
+    several = len(rounds) > 1
+    print(f"goals (issue 12), {len(rounds)} round{'s' * several}" + (", and their median:" if several else ":"))
     for k, (name, _, goal) in enumerate(table[0]):
         values = [figures[k][1] for figures in table]
         middle = statistics.median(values)
