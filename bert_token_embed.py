@@ -79,6 +79,8 @@ CHUNK_LINES = 1024        # server mode: lines read and sorted by length at once
                           # read this many lines before any work, so that the first lines' input errors show at once
 MODEL_CHUNK_BATCHES = 8   # embedded mode: a chunk of lines tokenized, sorted by length and held at once is this many
                           # batches; sorted over 8, batches pad as little as the whole input sorted (over 2: 0.91-0.97x)
+MODEL_CHUNK_WINDOWS = 2   # ... and holds at most the tokens of this many batches of full windows, so that a chunk of
+                          # long lines holds no more rows than a chunk of 2 batches' lines did
 FIRST_CHUNK_LINES = 512   # server mode's first chunk, smaller: the servers start sooner, later chunks sort by learnt counts
 MODEL_DTYPES = ("float32", "float16", "bfloat16")   # --dtype of the forward pass; rows come out float32 whatever it is
 READ_STEP = 128           # lines read between looks for replies
@@ -95,7 +97,7 @@ COUNT, SPELLED = operator.itemgetter(0), operator.itemgetter(1)   # the two halv
 PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
 CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
 WAITING = object()   # what ServerRun.place returns for a window that waits for the server's pieces of its units alone
-WRITE_BATCH_LINES = 256   # lines written at once, on a thread, while the next ones are merged
+WRITE_BATCH_LINES = 256   # lines written at once (big batches on a thread, while the next ones are merged)
 WRITE_CALL_BYTES = 256 << 10   # rows handed to one writev: per byte, far smaller calls cost more, and calls of 1 MB
                                # and over cost this machine's page cache up to 2x more CPU (measured: ext4, 2 cores)
 WRITE_QUEUE_BATCHES = CHUNK_LINES // WRITE_BATCH_LINES   # batches waiting for that thread: a chunk's lines, done together
@@ -913,6 +915,8 @@ class BackgroundCall:
     def __init__(self, function):
         self.value = self.error = None
         self.thread = threading.Thread(target=self.call, args=(function,), daemon=True)
+        self.ended = threading.Event()   # waited on rather than join(): a join that Ctrl-C interrupts marks the
+                                         # thread stopped (Python 3.11), and the next join would not wait for it
 
     def start(self):
         """Start the call; return this object."""
@@ -925,11 +929,13 @@ class BackgroundCall:
             self.value = function()
         except BaseException as err:   # handed to the caller by result()
             self.error = err
+        finally:
+            self.ended.set()
 
     def wait(self):
         """Wait for the call to end, if it was started (a signal may have come before)."""
         if self.thread.ident is not None:
-            self.thread.join()
+            self.ended.wait()
 
     def result(self):
         """Wait for the call; its value, or raise what it raised."""
@@ -1726,13 +1732,21 @@ class LocalModel(Backend):
         return embed_locally(sentences, self, how, batch_size, MODEL_CHUNK_BATCHES * batch_size, stats)
 
 
-def tokenized_chunks(sentences, model, chunk_lines):
-    """Yield (chunk of sentences, each one's (piece ids, word ids)), the next chunk read and tokenized while this one computes."""
+def tokenized_chunks(sentences, model, chunk_lines, chunk_tokens):
+    """Yield (chunk of sentences, each one's (piece ids, word ids)), the next chunk read and tokenized while this one computes.
+
+    A chunk ends after ``chunk_lines`` lines, or at the line that brings it to ``chunk_tokens`` tokens.
+    """
     sentences = iter(sentences)
 
     def next_chunk():
         """Read and tokenize the next chunk of lines."""
-        chunk = list(itertools.islice(sentences, chunk_lines))
+        chunk, tokens = [], 0
+        for sentence in sentences:
+            chunk.append(sentence)
+            tokens += len(sentence)
+            if len(chunk) == chunk_lines or tokens >= chunk_tokens:
+                break
         return chunk, model.pieces(chunk)
 
     coming = BackgroundCall(next_chunk).start()
@@ -1753,13 +1767,14 @@ class ModelWindow(collections.namedtuple("ModelWindow", "line start keep_from ke
 def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
     """Yield one (tokens, hidden) array per sentence (a list of tokens), in order, from the in-process model.
 
-    A chunk of sentences is tokenized at once (the next one while this one computes),
-    cut into windows of at most the model's length and sorted by length, so batches
-    carry little padding. A line in one window is merged on the model's device, so only
+    A chunk of sentences (``chunk_lines``, or fewer long ones: MODEL_CHUNK_WINDOWS) is
+    tokenized at once (the next one while this one computes), cut into windows of at
+    most the model's length and sorted by length, so batches carry little padding. A line in one window is merged on the model's device, so only
     its token rows come back; a longer line's kept piece rows come back, to be merged
     once all its windows are done. A sentence counts in ``stats`` once its last window is.
     """
-    for chunk, encoded in tokenized_chunks(sentences, model, chunk_lines):
+    chunk_tokens = MODEL_CHUNK_WINDOWS * batch_size * model.limit
+    for chunk, encoded in tokenized_chunks(sentences, model, chunk_lines, chunk_tokens):
         counts = [np.bincount(np.asarray(words, dtype=np.int64), minlength=len(tokens))
                   for tokens, (_, words) in zip(chunk, encoded)]
         merged = [None] * len(chunk)         # each line's token rows, once done
@@ -1939,6 +1954,8 @@ def write_all(fd, views):
     """Write the byte views to a file descriptor with writev, again after a short write, until all are written."""
     while views:
         written = os.writev(fd, views)
+        if not written:
+            raise OSError(f"writev wrote nothing of {sum(view.nbytes for view in views)} bytes")
         while views and written >= views[0].nbytes:
             written -= views[0].nbytes
             views.pop(0)
@@ -2027,12 +2044,13 @@ class StagedFile:
 
 
 class BatchWriter:
-    """What every output format shares: arrays are written a batch at a time, on a thread of their own.
+    """What every output format shares: arrays are written a batch at a time, big batches on a thread of their own.
 
     File writes release the GIL, so batches go to disk while the next ones are merged.
     Up to WRITE_QUEUE_BATCHES wait for that thread: a chunk's lines are done together,
     when its longest sentences come back, and were the server loop to wait for the disk
-    there, the servers would run out of work. ``lines`` and ``sizes`` say
+    there, the servers would run out of work. A batch under WRITE_AT_ONCE_BYTES is
+    written by the caller when nothing before it is unwritten. ``lines`` and ``sizes`` say
     what the files hold whole: they move on only once a batch is written in full, and a
     batch always starts where the last whole one ended, so whatever stops a run (Ctrl-C,
     a full disk) the --resume record can trust them.
@@ -2056,17 +2074,28 @@ class BatchWriter:
         self.writing = None   # the BackgroundCall of the writer thread, while it runs
         self.handed_over = self.taken = 0   # batches put in the queue, and taken off it by the thread
         self.failure = None   # what writing a batch raised
-        self.lines = 0        # lines wholly in the files
-        self.sizes = None     # the files' sizes after them
+        self.whole = (0, None)   # lines wholly in the files, and the files' sizes after them: one attribute, set at
+                                 # once, so that no signal or other thread sees the one without the other
+
+    @property
+    def lines(self):
+        """Lines wholly in the files."""
+        return self.whole[0]
+
+    @property
+    def sizes(self):
+        """The files' sizes after those lines."""
+        return self.whole[1]
 
     def count_whole(self, lines):
-        """Note that the files hold ``lines`` whole lines, and end there."""
-        self.lines = lines
-        self.sizes = [staged.file.tell() for staged in self.files]
+        """Note that the files hold ``lines`` whole lines, and end there (all handed to the OS)."""
+        for staged in self.files:
+            staged.file.flush()
+        self.whole = lines, [staged.file.tell() for staged in self.files]
 
     def restore(self, lines, sizes, hidden):
         """Continue partial files that held ``lines`` whole lines up to ``sizes``."""
-        self.lines, self.sizes = lines, sizes
+        self.whole = lines, sizes
         self.cut_back()
 
     def cut_back(self):
@@ -2079,7 +2108,7 @@ class BatchWriter:
         return sentences
 
     def write(self, array):
-        """Add one line's array; hand a full batch to the writer thread, waiting only while WRITE_QUEUE_BATCHES wait for it."""
+        """Add one line's array; write a full batch now if it is small, else hand it to the writer thread (waiting while WRITE_QUEUE_BATCHES wait)."""
         self.pending.append(array)
         if len(self.pending) >= WRITE_BATCH_LINES:
             if self.failure:
@@ -2325,7 +2354,7 @@ class Hdf5Writer(BatchWriter):
 
     def count_whole(self, lines):
         """Note that the file holds ``lines`` whole lines."""
-        self.lines = lines
+        self.whole = lines, None
 
     def cut_back(self):
         """Nothing to cut: a failed write fails the run, and its file is removed."""
@@ -2491,9 +2520,9 @@ class Checkpoint:
         self.log = LineLog(sentences)
 
     def save(self, writer):
-        """Write the record atomically: the lines the writer holds whole, their hash and the partial files' sizes."""
-        record = {"settings": self.settings, "lines": writer.lines, "sha256": self.log.digest_through(writer.lines),
-                  "sizes": writer.sizes}
+        """Write the record atomically: the lines the writer holds whole (the batches after them may still be on their way), their hash and the partial files' sizes."""
+        lines, sizes = writer.whole   # once: the writer thread may move them on meanwhile
+        record = {"settings": self.settings, "lines": lines, "sha256": self.log.digest_through(lines), "sizes": sizes}
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f)
         os.replace(self.path + ".tmp", self.path)
@@ -2786,8 +2815,7 @@ class RunOutput:
             for written, array in enumerate(arrays, done + 1):
                 writer.write(array)
                 if checkpoint and written % CHECKPOINT_LINES == 0:
-                    writer.flush()
-                    checkpoint.save(writer)
+                    checkpoint.save(writer)   # what is written whole by now: the server loop never waits for the disk
             writer.commit(hidden)
         except OSError as err:
             raise RunError(f"could not write {self.args.output}: {err.strerror or err}") from None

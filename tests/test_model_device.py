@@ -88,3 +88,18 @@ def test_dtype_goes_with_model():
     args = tool.build_parser().parse_args(["--dtype", "float16"])
     with pytest.raises(tool.UsageError, match="--dtype goes with --model"):
         tool.check_options(args)
+
+
+def test_a_chunk_of_long_lines_ends_at_its_token_budget():
+    """Chunks are chunk_lines lines, or fewer long ones: a chunk ends at the line that brings it to chunk_tokens
+    tokens, so that sorting over more batches does not hold more rows of long lines."""
+    class Tokenizes:
+        def pieces(self, chunk):
+            return [(list(range(len(tokens))), list(range(len(tokens)))) for tokens in chunk]
+
+    def sizes(lines):
+        return [len(chunk) for chunk, _ in tool.tokenized_chunks(lines, Tokenizes(), 10, 250)]
+
+    assert sizes([["word"] * 100] * 10) == [3, 3, 3, 1]
+    assert sizes([["word"]] * 25) == [10, 10, 5]
+    assert sizes([]) == []
