@@ -1769,9 +1769,10 @@ def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
 
     A chunk of sentences (``chunk_lines``, or fewer long ones: MODEL_CHUNK_WINDOWS) is
     tokenized at once (the next one while this one computes), cut into windows of at
-    most the model's length and sorted by length, so batches carry little padding. A line in one window is merged on the model's device, so only
-    its token rows come back; a longer line's kept piece rows come back, to be merged
-    once all its windows are done. A sentence counts in ``stats`` once its last window is.
+    most the model's length and sorted by length, so batches carry little padding. A
+    line in one window is merged on the model's device, so only its token rows come
+    back; a longer line's kept piece rows come back, to be merged once all its windows
+    are done. A sentence counts in ``stats`` once its last window is.
     """
     chunk_tokens = MODEL_CHUNK_WINDOWS * batch_size * model.limit
     for chunk, encoded in tokenized_chunks(sentences, model, chunk_lines, chunk_tokens):
