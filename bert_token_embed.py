@@ -2127,16 +2127,14 @@ class BatchWriter:
         """The writer thread: write the batches handed over, in turn, until None; after a failure, only take them."""
         while True:
             batch = self.queued.get()
+            if batch is None:
+                return
             try:
-                if batch is None:
-                    return
                 if self.failure is None:
                     self.write_whole(batch)
                 self.taken += 1
             except BaseException as err:   # raised in the server loop's thread by write or wait
                 self.failure = err
-            finally:
-                self.queued.task_done()
 
     def write_whole(self, batch):
         """Write a batch after the last whole one, then count it."""
@@ -2150,7 +2148,6 @@ class BatchWriter:
         with contextlib.suppress(queue.Empty):
             while True:
                 self.queued.get_nowait()
-                self.queued.task_done()
         self.end_thread()
 
     def end_thread(self):
@@ -2167,13 +2164,11 @@ class BatchWriter:
             raise self.failure
 
     def flush(self):
-        """Write everything pending and hand it to the OS."""
+        """Write everything pending and hand it to the OS (count_whole hands each batch over)."""
         self.wait()
         if self.pending:
             self.write_whole(self.pending)
             self.pending = []
-        for staged in self.files:
-            staged.file.flush()
 
     def commit(self, hidden):
         """Write everything pending, end the files and rename them over their targets (the first one last)."""
