@@ -59,7 +59,6 @@ import threading
 import time
 import unicodedata
 import uuid
-import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -485,29 +484,39 @@ class PieceCounter:
         The fast path for the common case, a handful of operations per sentence: the
         units' known pieces, joined, are compared with the pieces joined. ``entries``
         are the units' entries taken earlier (when the line was read), so that no lookup
-        is needed now; a unit whose pieces were not known then is looked up again, and
-        one never seen whole is expected as its basic tokens, one piece each, as most
-        words are, and is known from then on. No expected piece holds a space, so equal
-        strings and equal piece totals mean equal piece lists, and ``align`` would give
-        these counts too: it reads each unit's pieces alone, and none is ``[UNK]``.
+        is needed now; only a unit whose pieces were not known then is looked at again
+        (``guess``). No expected piece holds a space, so equal strings and equal piece
+        totals mean equal piece lists, and ``align`` would give these counts too: it reads
+        each unit's pieces alone, and none is ``[UNK]``.
         """
+        known = entries if entries is not None else self.entries(units)
+        guessed = None
         try:
-            known = entries if entries is not None else list(map(self.known.__getitem__, units))
             expected = " ".join(map(SPELLED, known))   # a TypeError where some unit's pieces were not known
-            counts = list(map(COUNT, known))
-            new = None
-        except (KeyError, TypeError):
-            basic = self.look_up(units)[0]
-            if not all(basic):
-                return None   # a unit with no piece: align must see it
-            new = [spelled or " ".join(words) for (_, spelled), words in zip(map(self.known.__getitem__, units), basic)]
-            expected = " ".join(new)
-            counts = [spaces + 1 for spaces in map(str.count, new, itertools.repeat(" "))]
+        except TypeError:
+            known, guessed = list(known), {}
+            for i, entry in enumerate(known):
+                if entry[1] is None:
+                    known[i] = guessed[units[i]] = self.guess(units[i])
+                    if known[i] is None:
+                        return None   # a unit with no piece: align must see it
+            expected = " ".join(map(SPELLED, known))
+        counts = list(map(COUNT, known))
         if sum(counts) != len(pieces) or expected != " ".join(pieces):
             return None
-        if new:
-            self.known.update(zip(units, zip(counts, new)))
+        if guessed:
+            self.known.update(guessed)   # right this time: known from now on
         return counts
+
+    def guess(self, unit):
+        """The unit's entry with its pieces: as known now, else its basic tokens one piece each, as most words are; None for a unit with no piece."""
+        entry = self.known.get(unit)
+        if entry is not None and entry[1] is not None:   # learnt since the line's entries were taken
+            return entry
+        if unit not in self.basic:
+            self.add([unit])
+        basic = self.basic[unit]
+        return (len(basic), " ".join(basic)) if basic else None
 
 
 # ---------------------------------------------------------------- windows for long sentences
@@ -1088,13 +1097,18 @@ class Server:
         return self.config
 
     def send(self, request):
-        """Send a request without waiting for its reply."""
+        """Send a request without waiting for its reply: the four frames of the client's encode, without its checks.
+
+        Those checks read every text again, and refuse a text of whitespace alone (a
+        token list such as ``["\u3000"]``), which the server embeds as no piece.
+        """
         if not self.in_flight:
             self.last_heard = time.monotonic()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.client.encode(request.texts, blocking=False)
-        self.in_flight[self.client.request_id] = request
+        client = self.client
+        client.request_id += 1
+        client.sender.send_multipart([client.identity, json.dumps(request.texts).encode(),
+                                      b"%d" % client.request_id, b"%d" % len(request.texts)])
+        self.in_flight[client.request_id] = request
 
     @property
     def sentences(self):
@@ -1114,7 +1128,6 @@ class Server:
         except (IndexError, ValueError, TypeError, KeyError) as err:
             raise RunError(f"server {self.name} sent a reply this tool cannot read ({err}); "
                            f"is it a bert-serving-server 1.10?") from None
-        self.client.pending_request.discard(request_id)
         return request_id, array, header.get("tokens", "")
 
     def close(self):

@@ -58,6 +58,13 @@ def test_empty_and_blank_tokens_get_zero_rows(srv):
     np.testing.assert_allclose(got[1], expected_rows(srv, ["", "x", " "]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_line_of_whitespace_tokens_is_sent_and_gets_zero_rows(srv):
+    """The client's encode refuses a text of whitespace alone; the tool sends the frames itself, and the server gives no piece."""
+    got = tool.embed([[" "], ["\u3000"], ["\t", "\u2028"], ["x"]], servers=address(srv))
+    assert [a.shape for a in got] == [(1, 16), (1, 16), (2, 16), (1, 16)]
+    assert not any(a.any() for a in got[:3]) and got[3].any()
+
+
 def test_embed_iter_streams_any_iterable_in_order(srv, expect):
     lines = (f"line {i} says hello" for i in itertools.count())
     with tool.TokenEmbedder(servers=[address(srv)], batch_size=4) as embedder:

@@ -460,6 +460,18 @@ def test_plain_text_takes_full_batches_and_the_probe(tmp_path, real_uncased):
     assert sentences <= len(lines) + 1
 
 
+def test_lines_of_whitespace_tokens_are_sent_as_they_are_and_get_zero_rows(real_uncased):
+    """The tool sends its own request frames: the real server embeds a text of whitespace alone as no piece."""
+    [blank, ideographic, mixed, word] = tool.embed([[" "], ["\u3000"], ["\t", "\u2028", "hello"], ["hello"]],
+                                                  servers=f"127.0.0.1:{real_uncased.port}:{real_uncased.port_out}")
+    assert blank.shape == ideographic.shape == (1, HIDDEN) and not blank.any() and not ideographic.any()
+    assert mixed.shape == (3, HIDDEN) and not mixed[:2].any()
+    [[rows], [pieces]] = ask(real_uncased, ["hello"])
+    assert pieces == ["[CLS]", "hello", "[SEP]"]
+    np.testing.assert_allclose(word[0], rows[1], atol=ATOL)
+    np.testing.assert_allclose(mixed[2], rows[1], atol=ATOL)
+
+
 def test_long_lines_through_max_seq_len_25_go_in_full_batches(tmp_path, real_short):
     """However many windows long lines need, they go out in full requests, plus a few part-full ones.
 
