@@ -417,10 +417,12 @@ class PieceCounter:
     Words repeat, so all are looked up rather than worked out again. The piece counts
     are the server's where an earlier reply gave one, else one per basic token; they make
     the length estimates, and with them the length-sorted batches, nearly exact after
-    the first few batches. A unit's entry is (its piece count, its pieces in a reply
-    joined by " " or None), one lookup for both: a line's entries, taken when it is read,
-    serve its fast path when the reply comes, with no lookup then. An entry is replaced,
-    never changed, so the count and pieces of one always agree.
+    the first few batches. A unit's entry is (its piece count, its pieces joined by " ",
+    or None), one lookup for both: a line's entries, taken when it is read, serve its
+    fast path when the reply comes, with no lookup then. The pieces are a reply's, or
+    until one came the basic tokens, one piece each, as most words are: a guess that
+    the fast path checks like any other. An entry is replaced, never changed, so the
+    count and pieces of one always agree.
     """
 
     def __init__(self, lowercase, lacks=None, capacity=1 << 18):   # units: some 100 MB at most
@@ -428,7 +430,8 @@ class PieceCounter:
         self.lacks = lacks   # the characters the server's Unicode tables do not have
         self.capacity = capacity
         self.basic = {}    # unit -> its basic tokens
-        self.known = {}    # unit -> (its piece count, learnt or estimated; its pieces joined, no "[UNK]", or None)
+        self.known = {}    # unit -> (its piece count, learnt or estimated; its pieces joined, no "[UNK]",
+                           # or None where the count was learnt from a window, or the unit has no piece)
 
     def look_up(self, units):
         """The units' basic tokens and piece counts, as two lists."""
@@ -454,7 +457,12 @@ class PieceCounter:
             self.known.clear()
         for unit in set(units).difference(self.basic):
             self.basic[unit] = basic = basic_tokens(unit, self.lowercase, self.lacks)
-            self.known.setdefault(unit, (len(basic), None))   # a count learnt since a clear stays
+            self.known.setdefault(unit, self.first_guess(basic))   # a count learnt since a clear stays
+
+    @staticmethod
+    def first_guess(basic):
+        """The entry of a unit with these basic tokens before any reply: one piece each; no pieces to expect if it has none."""
+        return (len(basic), " ".join(basic)) if basic else (0, None)
 
     def learn(self, units, counts, estimates):
         """Remember the server's piece counts where they differ from the estimates (the pieces, if known, go with the old count)."""
@@ -467,27 +475,29 @@ class PieceCounter:
         A unit with an ``[UNK]`` or with no piece is left out: ``align`` treats those
         apart, and the fast path must not. So is one whose piece count is not the one
         ``learn`` keeps (a window's context): the estimates, and with them the windows
-        of long lines, stay what they were without the fast path.
+        of long lines, stay what they were without the fast path. A wrong guess of the
+        same count is replaced.
         """
         known, p = self.known, 0
         for unit, count in zip(units, counts):
             entry = known.get(unit)
-            if count and entry is not None and entry[1] is None and entry[0] == count:
+            if count and entry is not None and entry[0] == count:
                 own = pieces[p:p + count]
                 if "[UNK]" not in own:
                     known[unit] = (count, " ".join(own))
             p += count
 
-    def spells(self, units, pieces, entries=None):
+    def spells(self, units, pieces, entries=None, counts=None):
         """The units' piece counts if ``pieces`` are the pieces each unit had before, one after another; else None.
 
         The fast path for the common case, a handful of operations per sentence: the
         units' known pieces, joined, are compared with the pieces joined. ``entries``
         are the units' entries taken earlier (when the line was read), so that no lookup
-        is needed now; only a unit whose pieces were not known then is looked at again
-        (``guess``). No expected piece holds a space, so equal strings and equal piece
-        totals mean equal piece lists, and ``align`` would give these counts too: it reads
-        each unit's pieces alone, and none is ``[UNK]``.
+        is needed now, and ``counts`` are their piece counts, if at hand; only a unit
+        whose pieces were not known then is looked at again (``guess``). No expected piece
+        holds a space, so equal strings and equal piece totals mean equal piece lists, and
+        ``align`` would give these counts too: it reads each unit's pieces alone, and none
+        is ``[UNK]``.
         """
         known = entries if entries is not None else self.entries(units)
         guessed = None
@@ -501,7 +511,9 @@ class PieceCounter:
                     if known[i] is None:
                         return None   # a unit with no piece: align must see it
             expected = " ".join(map(SPELLED, known))
-        counts = list(map(COUNT, known))
+            counts = None
+        if counts is None:
+            counts = list(map(COUNT, known))
         if sum(counts) != len(pieces) or expected != " ".join(pieces):
             return None
         if guessed:
@@ -509,14 +521,14 @@ class PieceCounter:
         return counts
 
     def guess(self, unit):
-        """The unit's entry with its pieces: as known now, else its basic tokens one piece each, as most words are; None for a unit with no piece."""
+        """The unit's entry with its pieces: as known now, else its first guess (after a window taught its count); None for a unit with no piece."""
         entry = self.known.get(unit)
         if entry is not None and entry[1] is not None:   # learnt since the line's entries were taken
             return entry
         if unit not in self.basic:
             self.add([unit])
-        basic = self.basic[unit]
-        return (len(basic), " ".join(basic)) if basic else None
+        entry = self.first_guess(self.basic[unit])
+        return entry if entry[1] is not None else None
 
 
 # ---------------------------------------------------------------- windows for long sentences
@@ -861,8 +873,10 @@ def merge_parts(parts, how):
     for source, members in by_source.values():
         sentences, starts, counts = zip(*members)
         index = runs_index(starts, np.fromiter(map(sum, counts), dtype=np.int64, count=len(counts)))
-        merged = merge_segments(source, list(itertools.chain.from_iterable(counts)), how, index)
-        for sentence, line_counts, end in zip(sentences, counts, itertools.accumulate(map(len, counts))):
+        ends = list(itertools.accumulate(map(len, counts)))
+        token_counts = np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64, count=ends[-1])
+        merged = merge_segments(source, token_counts, how, index)
+        for sentence, line_counts, end in zip(sentences, counts, ends):
             sentence.store(0, line_counts, merged[end - len(line_counts):end])
 
 
@@ -1570,7 +1584,8 @@ class ServerRun:
         that does not align, or whose alignment may be fooled, waits for those answers.
         """
         if known is None and window.sentence.units is None:
-            counts = self.counter.spells(window.sentence.tokens, pieces, window.sentence.entries)
+            sentence = window.sentence
+            counts = self.counter.spells(sentence.tokens, pieces, sentence.entries, sentence.estimate)
             if counts is not None:   # the fast path: a whole line whose tokens have their usual pieces
                 return window.sentence.accept(window, counts, len(pieces))
         units, basic = window.units, window.basic

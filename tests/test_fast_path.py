@@ -55,16 +55,33 @@ def test_known_pieces_and_new_words():
     units = ["hankcs", "is", "here"]
     basic, estimates = counter.look_up(units)
     pieces = ["hank", "##cs", "is", "here"]
+    assert counter.known["hankcs"] == (1, "hankcs")   # the first guess: one piece per basic token
     assert counter.spells(units, pieces) is None   # hankcs is not one piece
     counts = align(basic, pieces)
     counter.remember(units, counts, pieces)         # before the count is learnt: the estimates stay as they are
-    assert counter.known["hankcs"] == (1, None)
+    assert counter.known["hankcs"] == (1, "hankcs")
     counter.learn(units, counts, estimates)         # as Sentence.accept does first
+    assert counter.known["hankcs"] == (2, None)
     counter.remember(units, counts, pieces)
+    assert counter.known["hankcs"] == (2, "hank ##cs")
     assert counter.spells(["here", "hankcs"], ["here", "hank", "##cs"]) == [1, 2]
     assert counter.spells(["hankcs", "now"], ["hank", "##cs", "now"]) == [2, 1]   # "now": new, one piece
     assert counter.spells(["now", "hankcs"], ["now", "hank", "##c", "##s"]) is None
     assert counter.spells(["hankcs"], ["[UNK]"]) is None
+
+
+def test_a_wrong_guess_of_the_right_count_is_replaced_by_the_pieces_align_placed():
+    counter = PieceCounter(lowercase=True)
+    basic, estimates = counter.look_up(["naïve"])
+    assert counter.known["naïve"] == (1, "naive")
+    pieces = ["nai", "##ve"]   # (as a server with other tables might split it)
+    counts = align(basic, pieces)
+    counter.learn(["naïve"], counts, estimates)
+    counter.remember(["naïve"], counts, pieces)
+    assert counter.spells(["naïve"], pieces) == [2]
+    counter.remember(["naïve"], [2], ["na", "##ive"])   # the same count, other pieces: the reply's win
+    assert counter.known["naïve"] == (2, "na ##ive")
+    assert counter.spells(["naïve"], ["na", "##ive"]) == [2]
 
 
 def test_entries_taken_when_a_line_was_read_still_place_it_after_the_counts_changed():
@@ -80,5 +97,5 @@ def test_entries_taken_when_a_line_was_read_still_place_it_after_the_counts_chan
     assert counter.known["hankcs"] == (3, None)
     assert counter.spells(units, ["hank", "##cs", "is"], entries) == [2, 1]
     assert counter.spells(units, ["hank", "##c", "##s", "is"], entries) is None
-    fresh = counter.entries(units)                     # no pieces known for hankcs now: looked up, as basic tokens
+    fresh = counter.entries(units)                     # no pieces known for hankcs now: guessed, as basic tokens
     assert counter.spells(units, ["hankcs", "is"], fresh) == [1, 1] and counter.known["hankcs"] == (1, "hankcs")
