@@ -1979,17 +1979,19 @@ def embed_iter(texts, *, model=None, servers=None, **settings):
 
 # ---------------------------------------------------------------- write the output
 
-def write_all(fd, views):
-    """Write the byte views to a file descriptor with writev, again after a short write, until all are written."""
-    while views:
-        written = os.writev(fd, views)
+def write_all(fd, buffers, size):
+    """Write the buffers (bytes, or C-contiguous arrays; ``size`` bytes in all) with writev, again after a short write, until all are written."""
+    while size:
+        written = os.writev(fd, buffers)
         if not written:
-            raise OSError(f"writev wrote nothing of {sum(view.nbytes for view in views)} bytes")
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if written:
+            raise OSError(f"writev wrote nothing of {size} bytes")
+        size -= written
+        if size:   # a short write: the rest, as bytes, from where it stopped
+            views = [view.cast("B") for view in map(memoryview, buffers) if view.nbytes]
+            while written >= views[0].nbytes:
+                written -= views.pop(0).nbytes
             views[0] = views[0][written:]
+            buffers = views
 
 
 class StagedFile:
@@ -2027,15 +2029,12 @@ class StagedFile:
         self.file.flush()
         group, size = [], 0
         for buffer in buffers:
-            view = memoryview(buffer)
-            if not view.nbytes:
-                continue   # an empty line's rows (a view of shape (0, D) cannot be cast)
-            group.append(view.cast("B"))
-            size += view.nbytes
+            group.append(buffer)
+            size += len(buffer) if type(buffer) is bytes else buffer.nbytes
             if size >= WRITE_CALL_BYTES or len(group) >= 512:   # Linux takes at most 1024 buffers a call
-                write_all(self.file.fileno(), group)
+                write_all(self.file.fileno(), group, size)
                 group, size = [], 0
-        write_all(self.file.fileno(), group)
+        write_all(self.file.fileno(), group, size)
         self.file.seek(0, os.SEEK_END)   # the file object's own idea of its position, after writes behind its back
 
     def truncate(self, size):

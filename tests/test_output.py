@@ -263,10 +263,10 @@ def test_write_all_goes_on_after_short_writes(tmp_path, monkeypatch):
     real_writev = os.writev
     monkeypatch.setattr(tool.os, "writev", lambda fd, views: real_writev(fd, [bytes(views[0])[:5]]))
     path = tmp_path / "out.bin"
-    parts = [b"0123456789", b"", b"abc", np.arange(4, dtype=np.float32)]
+    parts = [b"0123456789", b"", b"abc", np.zeros((0, 3), dtype=np.float32), np.arange(4, dtype=np.float32)]
     with open(path, "wb") as f:
-        tool.write_all(f.fileno(), [memoryview(part).cast("B") for part in parts])
-    assert path.read_bytes() == b"".join(bytes(memoryview(part).cast("B")) for part in parts)
+        tool.write_all(f.fileno(), parts, 10 + 3 + 16)
+    assert path.read_bytes() == b"".join(part if isinstance(part, bytes) else part.tobytes() for part in parts)
 
 
 def test_npy_and_offsets_equal_the_pickle(outputs, srv, text, expect):
