@@ -119,3 +119,17 @@ def test_a_hub_name_that_cannot_be_fetched_fails_in_one_line_within_seconds(tmp_
                             "Face cache, and the hub cannot be reached); give a Hugging Face model directory, a hub "
                             "name where this machine may download, or --model minilm\n")
     assert seconds < 60   # torch's import is most of it; no download retries
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_command_line_starts_no_blas_threads_and_leaves_the_users_setting_for_later_libraries():
+    """numpy's OpenBLAS starts a spinning thread per core for matrix products this tool never computes."""
+    code = (f"import os, runpy, sys\nsys.argv = [{str(SCRIPT)!r}, '--version']\n"
+            f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))")
+    for given, left in ((None, "None"), ("3", "3")):
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        if given:
+            env["OPENBLAS_NUM_THREADS"] = given
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+        assert out.split()[-2:] == ["1", left], out
