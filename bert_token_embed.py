@@ -34,7 +34,7 @@ def stop_while_starting(number, frame):
     sys.exit(128 + number)
 
 
-COMMAND_LINE = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "bert-token-embed"   # not imported
+COMMAND_LINE = __name__ == "__main__" or os.path.basename((getattr(sys, "argv", None) or [""])[0]) == "bert-token-embed"
 if COMMAND_LINE:
     signal.signal(signal.SIGINT, stop_while_starting)
     # This file multiplies no matrices with numpy, so its OpenBLAS would start a thread per core only for them to
@@ -1921,6 +1921,9 @@ def open_backend(model, servers, batch_size, settings, say=None):
     return ServerPool([address_of(s) for s in servers], settings["timeout"], settings["in_flight"] * batch_size, say)
 
 
+RARE_COLLECTIONS = {"lock": threading.Lock(), "depth": 0, "saved": None}   # collecting_rarely's users, and what to restore
+
+
 @contextlib.contextmanager
 def collecting_rarely():
     """Cycle collections made rare while rows are made, the collector's thresholds restored after.
@@ -1930,12 +1933,18 @@ def collecting_rarely():
     mode, measured), and now and then scan all long-lived objects (modules, a model,
     the caches, and a notebook's own data) for cycles that embedding never makes.
     """
-    thresholds = gc.get_threshold()
-    gc.set_threshold(50_000, 20, 100)
+    with RARE_COLLECTIONS["lock"]:   # generators and threads overlap: the first in saves, the last out restores
+        if not RARE_COLLECTIONS["depth"]:
+            RARE_COLLECTIONS["saved"] = gc.get_threshold()
+            gc.set_threshold(50_000, 20, 100)
+        RARE_COLLECTIONS["depth"] += 1
     try:
         yield
     finally:
-        gc.set_threshold(*thresholds)
+        with RARE_COLLECTIONS["lock"]:
+            RARE_COLLECTIONS["depth"] -= 1
+            if not RARE_COLLECTIONS["depth"]:
+                gc.set_threshold(*RARE_COLLECTIONS["saved"])
 
 
 class TokenEmbedder:
@@ -2063,7 +2072,7 @@ class StagedFile:
         group, size = [], 0
         for buffer in buffers:
             group.append(buffer)
-            size += len(buffer) if type(buffer) is bytes else buffer.nbytes
+            size += buffer.nbytes if isinstance(buffer, np.ndarray) else len(buffer)
             if size >= WRITE_CALL_BYTES or len(group) >= 512:   # Linux takes at most 1024 buffers a call
                 write_all(self.file.fileno(), group, size)
                 group, size = [], 0

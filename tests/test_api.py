@@ -200,3 +200,11 @@ def test_cycle_collections_are_rare_while_rows_are_made_and_as_they_were_after(s
         rows.close()   # a generator left early
         assert gc.get_threshold() == before
         assert len(embedder.embed(["a"])) == 1 and gc.get_threshold() == before
+
+
+def test_overlapping_generators_leave_the_collector_as_it_was(srv):
+    import gc
+    before = gc.get_threshold()
+    with tool.TokenEmbedder(servers=address(srv)) as embedder:
+        pairs = list(zip(embedder.embed_iter(["a b", "c"]), embedder.embed_iter(["d", "e f", "g"])))
+        assert len(pairs) == 2 and gc.get_threshold() == before   # the first ended first, the second was closed

@@ -99,3 +99,30 @@ def test_entries_taken_when_a_line_was_read_still_place_it_after_the_counts_chan
     assert counter.spells(units, ["hank", "##c", "##s", "is"], entries) is None
     fresh = counter.entries(units)                     # no pieces known for hankcs now: guessed, as basic tokens
     assert counter.spells(units, ["hankcs", "is"], fresh) == [1, 1] and counter.known["hankcs"] == (1, "hankcs")
+
+
+def test_entries_taken_when_lines_are_read_agree_with_align_whatever_order_the_replies_come_in():
+    """As server mode runs it: each line's entries and estimates taken when it is read, its reply placed later, in
+    any order, with the counts and pieces learnt from other replies in between, and clears of a small capacity."""
+    rng = random.Random(7)
+    hits = 0
+    for _ in range(400):
+        counter = PieceCounter(lowercase=rng.random() < 0.5, capacity=rng.choice([4, 1 << 18]))
+        read = []
+        for _ in range(8):
+            units = ["".join(rng.choice(SOME) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
+            units = [u for u in units if u.strip()] or ["a"]
+            entries = counter.entries(units)
+            read.append((units, entries, [count for count, _ in entries]))
+        rng.shuffle(read)
+        for units, entries, estimate in read:
+            basic = counter.look_up(units)[0]
+            pieces = some_pieces(rng, basic)
+            got, expected = counter.spells(units, pieces, entries, estimate), align(basic, pieces)
+            if got is not None:
+                hits += 1
+                assert got == expected and "[UNK]" not in pieces and all(basic), (units, pieces)
+            elif expected is not None and len(expected) == len(units) and "[UNK]" not in pieces:
+                counter.learn(units, expected, estimate)
+                counter.remember(units, expected, pieces)
+    assert hits > 500

@@ -133,3 +133,9 @@ def test_the_command_line_starts_no_blas_threads_and_leaves_the_users_setting_fo
             env["OPENBLAS_NUM_THREADS"] = given
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
         assert out.split()[-2:] == ["1", left], out
+
+
+def test_the_module_imports_where_sys_argv_is_empty():
+    code = "import sys; sys.argv = []; import bert_token_embed; print(bert_token_embed.COMMAND_LINE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.strip() == "False"
