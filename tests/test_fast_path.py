@@ -28,6 +28,24 @@ def some_pieces(rng, basic):
     return pieces
 
 
+def some_units(rng):
+    """One to four short units, none blank."""
+    units = ["".join(rng.choice(SOME) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
+    return [u for u in units if u.strip()] or ["a"]
+
+
+def check_or_learn(counter, units, basic, pieces, got, estimates):
+    """Assert that the fast path's counts, if it gave any, are align's; else learn what align placed, as server mode does. True if it gave counts."""
+    expected = align(basic, pieces)
+    if got is not None:
+        assert got == expected and "[UNK]" not in pieces and all(basic), (units, pieces)
+        return True
+    if expected is not None and len(expected) == len(units) and "[UNK]" not in pieces:
+        counter.learn(units, expected, estimates)
+        counter.remember(units, expected, pieces)
+    return False
+
+
 def test_spells_agrees_with_align():
     """Whenever the fast path gives counts they are align's, with no [UNK] and no unit without a piece."""
     rng = random.Random(12)
@@ -35,17 +53,10 @@ def test_spells_agrees_with_align():
     for _ in range(3000):
         counter = PieceCounter(lowercase=rng.random() < 0.5)
         for _ in range(3):
-            units = ["".join(rng.choice(SOME) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
-            units = [u for u in units if u.strip()] or ["a"]
+            units = some_units(rng)
             basic, estimates = counter.look_up(units)
             pieces = some_pieces(rng, basic)
-            got, expected = counter.spells(units, pieces), align(basic, pieces)
-            if got is not None:
-                hits += 1
-                assert got == expected and "[UNK]" not in pieces and all(basic), (units, pieces)
-            elif expected is not None and len(expected) == len(units) and "[UNK]" not in pieces:
-                counter.learn(units, expected, estimates)
-                counter.remember(units, expected, pieces)
+            hits += check_or_learn(counter, units, basic, pieces, counter.spells(units, pieces), estimates)
     assert hits > 1000   # the fast path was taken often
 
 
@@ -110,19 +121,13 @@ def test_entries_taken_when_lines_are_read_agree_with_align_whatever_order_the_r
         counter = PieceCounter(lowercase=rng.random() < 0.5, capacity=rng.choice([4, 1 << 18]))
         read = []
         for _ in range(8):
-            units = ["".join(rng.choice(SOME) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
-            units = [u for u in units if u.strip()] or ["a"]
+            units = some_units(rng)
             entries = counter.entries(units)
             read.append((units, entries, [count for count, _ in entries]))
         rng.shuffle(read)
         for units, entries, estimate in read:
             basic = counter.look_up(units)[0]
             pieces = some_pieces(rng, basic)
-            got, expected = counter.spells(units, pieces, entries, estimate), align(basic, pieces)
-            if got is not None:
-                hits += 1
-                assert got == expected and "[UNK]" not in pieces and all(basic), (units, pieces)
-            elif expected is not None and len(expected) == len(units) and "[UNK]" not in pieces:
-                counter.learn(units, expected, estimate)
-                counter.remember(units, expected, pieces)
+            hits += check_or_learn(counter, units, basic, pieces, counter.spells(units, pieces, entries, estimate),
+                                   estimate)
     assert hits > 500
