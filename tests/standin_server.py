@@ -108,6 +108,8 @@ CATEGORY_IN_UNICODE_11 = {"\u166d": "Po", "\u1734": "Mn", "\u1cf2": "Mc", "\u1cf
 # there; found against the real server): a letter no BERT vocabulary holds stands in for them, so
 # that their word is one [UNK], as on the real server.
 NOT_PUNCTUATION_TO_PYTHON = str.maketrans({"\U000111c9": "\u0800"})
+NOT_PUNCTUATION = frozenset(map(chr, NOT_PUNCTUATION_TO_PYTHON))
+ASCII = frozenset(map(chr, range(128)))
 
 
 @lru_cache(maxsize=None)
@@ -132,6 +134,7 @@ class BertWordPiece:
         # A real server's Python has the Unicode tables of its version: BERT's cleaning deletes
         # every character they lack (category Cn is C*). None: the tables of HF tokenizers.
         self.unicode_version = unicode_version
+        self._lacks = {}   # non-ASCII character -> whether that Python deletes it
         # word -> pieces, or None: BERT tokenizes each whitespace-separated word of the cleaned,
         # lower-cased text on its own, so a word's pieces can be remembered (the benchmark's
         # simulated GPU server keeps its own CPU time low this way).
@@ -148,8 +151,7 @@ class BertWordPiece:
 
     def pieces(self, texts: list[str]) -> list[list[str]]:
         """Return the word pieces of each text, without [CLS]/[SEP]."""
-        # Cleaning leaves printable ASCII as it is, and most text is that: no call for it.
-        texts = [t if t.isascii() and t.isprintable() else self._clean.normalize_str(self._known_only(t)) for t in texts]
+        texts = list(map(self._cleaned, texts))
         if self.do_lower_case:
             # Python's str.lower(), not Rust's char-wise lowercase: only it applies the final-sigma
             # rule ("ΟΣ" -> "ος") that the real server's tokenization.py gets from Python.
@@ -162,6 +164,13 @@ class BertWordPiece:
         known.update(zip(new, self._encode(new)))
         return [list(itertools.chain.from_iterable(map(known.__getitem__, ws))) for ws in words]
 
+    def _cleaned(self, text: str) -> str:
+        """BERT's cleaning (whitespace to spaces, control characters out) and CJK spacing of one text."""
+        spaced = text.replace("\t", " ")
+        if spaced.isascii() and spaced.isprintable():   # most text, tab-separated tokens too: cleaning leaves it
+            return spaced
+        return self._clean.normalize_str(self._known_only(text))
+
     def _known_only(self, text: str) -> str:
         """The text without the characters newer than ``unicode_version``, nor those Python's BERT deletes.
 
@@ -169,11 +178,15 @@ class BertWordPiece:
         (as [UNK]) format characters such as U+08E2 and, when stripping accents, marks such
         as U+07FD, which a real server's Python deletes (found against the real server).
         """
-        if self.unicode_version is None:
+        if self.unicode_version is None or text.isascii():   # ASCII is in every version's tables
             return text
-        return "".join(c for c in text if c.isascii() or (_unicode_age(c) <= self.unicode_version
-                                                           and not self._python_deletes(c))
-                       ).translate(NOT_PUNCTUATION_TO_PYTHON)
+        chars, lacks = set(text).difference(ASCII), self._lacks
+        for char in chars.difference(lacks):   # each character is looked at once
+            lacks[char] = _unicode_age(char) > self.unicode_version or self._python_deletes(char)
+        dropped = {ord(c): None for c in chars if lacks[c]}
+        if dropped:
+            text = text.translate(dropped)
+        return text.translate(NOT_PUNCTUATION_TO_PYTHON) if NOT_PUNCTUATION.intersection(chars) else text
 
     def _python_deletes(self, char: str) -> bool:
         """True if Google's BasicTokenizer on Python 3.7 drops the character: category C*, or Mn when lowercasing."""
