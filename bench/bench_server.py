@@ -32,10 +32,12 @@ disk; ``--output-dir`` chooses another):
 * with ``--memory``: peak RSS at 40,000 and 200,000 lines (1 µs, 64-d: per-line
   state that is never freed shows most where rows are small).
 
-Besides the times, the table shows the simulated device's busy time and its idle
-time between its first request and its last (the tool leaving it without work); the
+Besides the times, the table shows the stand-in's own CPU time during the run (srv CPU:
+tokenizing, building replies, sending them), the simulated device's busy time and its
+idle time between its first request and its last (the tool leaving it without work); the
 rest of the wall is the run's start (configuration, first chunk) and end (the last
-lines written).
+lines written). The client's and the stand-in's CPU together, spread over all cores,
+bound the wall from below; the 1 us run's bound is printed with it.
 
 Before each timed run the page cache is written back (``sync``), so that no run pays
 for an earlier one's output going to disk, and a process touches 4 GB of memory: a
@@ -76,6 +78,13 @@ def start_server(cost_us, request_ms, hidden=768):
     line = proc.stdout.readline().split()
     fields = dict(part.split("=") for part in line[1:])
     return proc, int(fields["port"]), int(fields["port_out"])
+
+
+def cpu_of(pid):
+    """The CPU seconds a running process has spent so far (from /proc: Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # after the command's name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
 
 
 def stop_server(proc):
@@ -245,14 +254,16 @@ def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original
         command = [sys.executable, TOOL, corpus, "-o", out,
                    "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
     try:
+        server_cpu = cpu_of(proc.pid)
         seconds, rss, cpu, kernel = timed(command)
+        server_cpu = cpu_of(proc.pid) - server_cpu
     finally:
         stats = stop_server(proc)
     written = os.path.getsize(out)
     os.unlink(out)
     limit = stats["useful_positions"] * cost_us / 1e6
     return dict(label=label, lines=lines, tokens=tokens, cost=cost_us, hidden=hidden, wall=seconds, rss=rss, cpu=cpu,
-                sys=kernel, busy=stats["busy_seconds"], idle=stats["idle_seconds"], padded=stats["padded_positions"],
+                sys=kernel, server_cpu=server_cpu, busy=stats["busy_seconds"], idle=stats["idle_seconds"], padded=stats["padded_positions"],
                 useful=stats["useful_positions"],
                 limit=limit, requests=stats["requests"], written=written)
 
@@ -277,14 +288,19 @@ def one_round(scratch, args):
 def print_round(number, runs):
     """The table of one round's runs, and its fixed cost and floors."""
     print(f"round {number}:")
-    print(f"  {'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'sys s':>6} {'RSS MiB':>8} {'busy s':>7} {'idle s':>6} "
+    print(f"  {'run':<14} {'lines':>6} {'wall s':>7} {'CPU s':>6} {'sys s':>6} {'RSS MiB':>8} {'srv CPU':>7} "
+          f"{'busy s':>7} {'idle s':>6} "
           f"{'pad/use':>7} {'limit s':>7} {'wall/limit':>10} {'requests':>8} {'written MB':>10}")
     for r in runs.values():
         print(f"  {r['label']:<14} {r['lines']:>6} {r['wall']:>7.2f} {r['cpu']:>6.2f} {r['sys']:>6.2f} {r['rss']:>8.0f} "
-              f"{r['busy']:>7.2f} {r['idle']:>6.2f} {r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} "
+              f"{r['server_cpu']:>7.2f} {r['busy']:>7.2f} {r['idle']:>6.2f} {r['padded'] / r['useful']:>7.2f} {r['limit']:>7.2f} "
               f"{r['wall'] / r['limit']:>10.2f} {r['requests']:>8} {r['written'] / 1e6:>10.0f}")
     fixed, fast, narrow = runs["fixed"], runs["fast"], runs["narrow"]
     print(f"  fixed cost of a run (the 1-line input): {fixed['wall']:.2f} s wall, {fixed['cpu']:.2f} s CPU")
+    cores = os.cpu_count()
+    print(f"  the 1 us 768-d run's client and stand-in together spent {fast['cpu'] + fast['server_cpu']:.2f} CPU s: "
+          f"on {cores} cores no wall under {(fast['cpu'] + fast['server_cpu']) / cores:.2f} s "
+          f"({(fast['cpu'] + fast['server_cpu']) / cores / fast['limit']:.2f}x the limit) was possible for them")
     print(f"  floor of the 1 us 768-d run's bytes ({fast['requests']} replies, "
           f"{fast['padded'] * 768 * 4 / 1e9:.2f} GB in, {fast['tokens'] * 768 * 4 / 1e9:.2f} GB out): "
           f"{fast['floor']:.2f} CPU s ({fast['floor_in']:.2f} receiving and gathering, "
