@@ -108,7 +108,6 @@ CATEGORY_IN_UNICODE_11 = {"\u166d": "Po", "\u1734": "Mn", "\u1cf2": "Mc", "\u1cf
 # there; found against the real server): a letter no BERT vocabulary holds stands in for them, so
 # that their word is one [UNK], as on the real server.
 NOT_PUNCTUATION_TO_PYTHON = str.maketrans({"\U000111c9": "\u0800"})
-NOT_PUNCTUATION = frozenset(map(chr, NOT_PUNCTUATION_TO_PYTHON))
 ASCII = frozenset(map(chr, range(128)))
 
 
@@ -134,7 +133,7 @@ class BertWordPiece:
         # A real server's Python has the Unicode tables of its version: BERT's cleaning deletes
         # every character they lack (category Cn is C*). None: the tables of HF tokenizers.
         self.unicode_version = unicode_version
-        self._lacks = {}   # non-ASCII character -> whether that Python deletes it
+        self._as_python = {}   # non-ASCII character -> what that Python's cleaning makes of it ("" if deleted)
         # word -> pieces, or None: BERT tokenizes each whitespace-separated word of the cleaned,
         # lower-cased text on its own, so a word's pieces can be remembered (the benchmark's
         # simulated GPU server keeps its own CPU time low this way).
@@ -180,13 +179,12 @@ class BertWordPiece:
         """
         if self.unicode_version is None or text.isascii():   # ASCII is in every version's tables
             return text
-        chars, lacks = set(text).difference(ASCII), self._lacks
-        for char in chars.difference(lacks):   # each character is looked at once
-            lacks[char] = _unicode_age(char) > self.unicode_version or self._python_deletes(char)
-        dropped = {ord(c): None for c in chars if lacks[c]}
-        if dropped:
-            text = text.translate(dropped)
-        return text.translate(NOT_PUNCTUATION_TO_PYTHON) if NOT_PUNCTUATION.intersection(chars) else text
+        chars, as_python = set(text).difference(ASCII), self._as_python
+        for char in chars.difference(as_python):   # each character is looked at once
+            deleted = _unicode_age(char) > self.unicode_version or self._python_deletes(char)
+            as_python[char] = "" if deleted else NOT_PUNCTUATION_TO_PYTHON.get(ord(char), char)
+        changes = {ord(c): as_python[c] for c in chars if as_python[c] != c}
+        return text.translate(changes) if changes else text
 
     def _python_deletes(self, char: str) -> bool:
         """True if Google's BasicTokenizer on Python 3.7 drops the character: category C*, or Mn when lowercasing."""
