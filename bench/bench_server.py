@@ -297,10 +297,9 @@ def print_round(number, runs):
               f"{r['wall'] / r['limit']:>10.2f} {r['requests']:>8} {r['written'] / 1e6:>10.0f}")
     fixed, fast, narrow = runs["fixed"], runs["fast"], runs["narrow"]
     print(f"  fixed cost of a run (the 1-line input): {fixed['wall']:.2f} s wall, {fixed['cpu']:.2f} s CPU")
-    cores = os.cpu_count()
-    print(f"  the 1 us 768-d run's client and stand-in together spent {fast['cpu'] + fast['server_cpu']:.2f} CPU s: "
-          f"on {cores} cores no wall under {(fast['cpu'] + fast['server_cpu']) / cores:.2f} s "
-          f"({(fast['cpu'] + fast['server_cpu']) / cores / fast['limit']:.2f}x the limit) was possible for them")
+    spent, cores = fast["cpu"] + fast["server_cpu"], os.cpu_count()
+    print(f"  the 1 us 768-d run's client and stand-in together spent {spent:.2f} CPU s: on {cores} cores no wall "
+          f"under {spent / cores:.2f} s ({spent / cores / fast['limit']:.2f}x the limit) was possible for them")
     print(f"  floor of the 1 us 768-d run's bytes ({fast['requests']} replies, "
           f"{fast['padded'] * 768 * 4 / 1e9:.2f} GB in, {fast['tokens'] * 768 * 4 / 1e9:.2f} GB out): "
           f"{fast['floor']:.2f} CPU s ({fast['floor_in']:.2f} receiving and gathering, "
