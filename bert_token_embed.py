@@ -513,16 +513,15 @@ class PieceCounter:
         """
         known = entries if entries is not None else self.entries(units)
         guessed = None
-        try:
-            expected = " ".join(map(SPELLED, known))   # a TypeError where some unit's pieces were not known
-        except TypeError:
+        expected = self.spelled(known)
+        if expected is None:
             known, guessed = list(known), {}
             for i, entry in enumerate(known):
                 if entry[1] is None:
                     known[i] = guessed[units[i]] = self.guess(units[i])
                     if known[i] is None:
                         return None   # a unit with no piece: align must see it
-            expected = " ".join(map(SPELLED, known))
+            expected = self.spelled(known)
             counts = None
         if counts is None:
             counts = list(map(COUNT, known))
@@ -531,6 +530,14 @@ class PieceCounter:
         if guessed:
             self.known.update(guessed)   # right this time: known from now on
         return counts
+
+    @staticmethod
+    def spelled(entries):
+        """The units' known pieces, all joined by " ", as a reply's would be; None where some unit's pieces are not known."""
+        try:
+            return " ".join(map(SPELLED, entries))
+        except TypeError:   # a None among them
+            return None
 
     def guess(self, unit):
         """The unit's entry with its pieces: as known now, else its first guess (after a window taught its count); None for a unit with no piece."""
@@ -584,8 +591,8 @@ class Sentence:
     and the line's rows are merged from them at the end.
     """
 
-    __slots__ = ("number", "tokens", "counter", "entries", "estimate", "_basic", "units", "block", "counts",
-                 "in_flight", "windows", "truncated_units", "seen", "resynced")
+    __slots__ = ("number", "tokens", "counter", "entries", "estimate", "size", "spelled", "_basic", "units", "block",
+                 "counts", "in_flight", "windows", "truncated_units", "seen", "resynced")
 
     def __init__(self, number, tokens, counter):
         self.number = number
@@ -593,6 +600,8 @@ class Sentence:
         self.counter = counter
         self.entries = counter.entries(tokens)                # what was known of each token when the line was read
         self.estimate = list(map(COUNT, self.entries))        # each token's expected piece count
+        self.size = sum(self.estimate)                        # the line's expected piece count
+        self.spelled = counter.spelled(self.entries)          # its expected pieces joined, if all are known
         self._basic = None                                    # each token's basic tokens, once needed
         self.units = None                                     # a long line's Unit records
         self.block = None                                     # the line's rows, from one window
@@ -709,10 +718,9 @@ class Sentence:
         if self.units is None:
             if not self.tokens:
                 return []
-            size = sum(self.estimate)
-            if not self.windows and size <= limit:   # most lines: one window, no context
+            if not self.windows and self.size <= limit:   # most lines: one window, no context
                 self.windows = self.in_flight = 1
-                return [Window(self, 0, 0, len(self.tokens), size)]
+                return [Window(self, 0, 0, len(self.tokens), self.size)]
             self.make_units()
         for i in reversed(range(len(self.units))):
             if self.units[i].state == RETRY_SPLIT:
@@ -884,12 +892,21 @@ def merge_parts(parts, how):
             by_source.setdefault(id(source), (source, []))[1].append((window.sentence, start, counts))
     for source, members in by_source.values():
         sentences, starts, counts = zip(*members)
-        index = runs_index(starts, np.fromiter(map(sum, counts), dtype=np.int64, count=len(counts)))
-        ends = list(itertools.accumulate(map(len, counts)))
-        token_counts = np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64, count=ends[-1])
-        merged = merge_segments(source, token_counts, how, index)
-        for sentence, line_counts, end in zip(sentences, counts, ends):
-            sentence.store(0, line_counts, merged[end - len(line_counts):end])
+        merge_whole_lines(source, sentences, starts, list(map(sum, counts)), counts, how)
+
+
+def merge_whole_lines(source, sentences, starts, sizes, counts, how):
+    """Store the rows of lines that came whole in one window each, merged with one gather from ``source``.
+
+    Line k's ``sizes[k]`` pieces are the rows ``starts[k]`` on of ``source``, a (rows, D)
+    array, and its tokens have ``counts[k]`` pieces each.
+    """
+    index = runs_index(starts, sizes)
+    ends = list(itertools.accumulate(map(len, counts)))
+    token_counts = np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64, count=ends[-1])
+    merged = merge_segments(source, token_counts, how, index)
+    for sentence, line_counts, end in zip(sentences, counts, ends):
+        sentence.store(0, line_counts, merged[end - len(line_counts):end])
 
 
 # ---------------------------------------------------------------- what both modes share: the backend interface, batches
@@ -981,22 +998,22 @@ class BackgroundCall:
 
 
 class Stats:
-    """What the one-line summary reports; ``on_line``, if set, is called with each finished line's token count."""
+    """What the one-line summary reports; ``on_lines``, if set, is called with each count of finished lines and their tokens."""
 
-    def __init__(self, on_line=None):
+    def __init__(self, on_lines=None):
         self.started = time.monotonic()
         self.lines = self.tokens = self.empty_tokens = self.long_lines = self.resynced = 0
         self.cut_tokens = self.resent = self.resumed = 0
-        self.on_line = on_line
+        self.on_lines = on_lines
 
-    def add(self, tokens, empty_tokens, windows, resynced=False, cut_tokens=0):
-        """Count one finished line."""
-        if self.on_line:
-            self.on_line(tokens)
-        self.lines += 1
+    def add(self, lines, tokens, empty_tokens=0, long_lines=0, resynced=0, cut_tokens=0):
+        """Count finished lines: ``lines`` of them, with these totals (long lines: those that needed more than one window)."""
+        if self.on_lines:
+            self.on_lines(lines, tokens)
+        self.lines += lines
         self.tokens += tokens
         self.empty_tokens += empty_tokens
-        self.long_lines += windows > 1
+        self.long_lines += long_lines
         self.resynced += resynced
         self.cut_tokens += cut_tokens
 
@@ -1556,11 +1573,21 @@ class ServerRun:
         self.queue.extendleft(reversed(embed_requests(windows, self.batch_size, self.pool.padded_length)))
 
     def finished_lines(self):
-        """Hand out the rows of the lines at the front that are done."""
+        """Hand out the rows of the lines at the front that are done, counted together.
+
+        Only the few lines that were not one window whose every token has a piece (long,
+        re-aligned, empty or with a token of no piece) are looked at one by one.
+        """
+        done = []
         while self.open_lines and self.open_lines[0].done:
-            sentence = self.open_lines.popleft()
-            self.stats.add(len(sentence.tokens), sentence.empty_tokens(), sentence.windows, sentence.resynced,
-                           sentence.truncated_units)
+            done.append(self.open_lines.popleft())
+        if not done:
+            return
+        unusual = [s for s in done if s.block is None or s.resynced or 0 in s.counts]
+        self.stats.add(len(done), sum(len(s.tokens) for s in done), sum(s.empty_tokens() for s in unusual),
+                       sum(s.windows > 1 for s in unusual), sum(s.resynced for s in unusual),
+                       sum(s.truncated_units for s in unusual))
+        for sentence in done:
             yield token_rows(sentence, self.how, self.pool.hidden)
 
     def take_reply(self, server, request, embedding, tokens):
@@ -1571,8 +1598,8 @@ class ServerRun:
                           for p in self.questions.answer(request.texts, tokens)]
         else:
             flat = embedding.reshape(-1, embedding.shape[2])
-            placements = [(window, pieces[1:-1], (flat, i * embedding.shape[1] + 1), None)
-                          for i, (window, pieces) in enumerate(zip(request.windows, tokens))]
+            placements = [(request.windows[i], tokens[i][1:-1], (flat, i * embedding.shape[1] + 1), None)
+                          for i in self.take_spelled_lines(request.windows, tokens, flat, embedding.shape[1])]
         parts, touched = [], []
         for window, pieces, rows, known in placements:
             kept = self.place(window, pieces, rows, known)
@@ -1583,6 +1610,31 @@ class ServerRun:
         merge_parts(parts, self.how)
         self.next_windows.extend(w for sentence in touched if sentence.in_flight == 0 and not sentence.done
                                  for w in sentence.plan(self.pool.limit))
+
+    def take_spelled_lines(self, windows, tokens, rows, width):
+        """The fast path of a reply: store at once the rows of every whole line whose tokens had the pieces they had before; return the others' indices.
+
+        Such a line is one window sent without context, so once its pieces, joined as
+        ``PieceCounter.spells`` joins them (``Sentence.spelled``), are the reply's, all that
+        ``Sentence.accept`` would do is count the window in: its piece counts are its
+        estimate, with nothing to learn. Its rows are those of reply row i, from ``rows``
+        (the reply's rows, ``width`` per sentence, [CLS] first). One join and one
+        comparison per line; ``place`` sees the rest.
+        """
+        spelled, others = [], []
+        for i, (window, pieces) in enumerate(zip(windows, tokens)):
+            sentence = window.sentence
+            expected = sentence.spelled
+            if expected is not None and sentence.units is None and len(pieces) == sentence.size + 2:
+                joined = " ".join(pieces)   # with "[CLS] " and " [SEP]", which check_reply saw
+                if len(joined) == len(expected) + 12 and joined.startswith(expected, 6):
+                    sentence.in_flight -= 1
+                    spelled.append((sentence, i * width + 1, sentence.size, sentence.estimate))
+                    continue
+            others.append(i)
+        if spelled:
+            merge_whole_lines(rows, *zip(*spelled), self.how)
+        return others
 
     def ran_short(self, counts, units, pieces):
         """True if the pieces ran out before the units although the server did not fill the window: no truncation."""
@@ -1830,7 +1882,7 @@ def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
                 pieces[k] = np.zeros((len(ids), model.hidden), dtype=np.float32)
             elif not planned:
                 merged[k] = np.zeros((len(chunk[k]), model.hidden), dtype=np.float32)
-                stats.add(len(chunk[k]), len(chunk[k]), 0)
+                stats.add(1, len(chunk[k]), len(chunk[k]))
         windows.sort(key=lambda w: len(w.ids))
         windows_left = list(planned_windows)
         for first, end in batch_bounds([len(w.ids) for w in windows], batch_size):
@@ -1844,7 +1896,7 @@ def embed_locally(sentences, model, how, batch_size, chunk_lines, stats):
             for w in batch:
                 windows_left[w.line] -= 1
                 if not windows_left[w.line]:
-                    stats.add(len(chunk[w.line]), int((counts[w.line] == 0).sum()), planned_windows[w.line])
+                    stats.add(1, len(chunk[w.line]), int((counts[w.line] == 0).sum()), planned_windows[w.line] > 1)
         for k, rows in pieces.items():
             merged[k] = merge_segments(rows, counts[k], how)
         yield from merged
@@ -2750,11 +2802,11 @@ class ProgressBar:
         self.bar = tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True)
         self.tokens = 0
 
-    def line_done(self, tokens):
-        """Count one finished line of ``tokens`` tokens (Stats.on_line)."""
+    def lines_done(self, lines, tokens):
+        """Count finished lines, of ``tokens`` tokens in all (Stats.on_lines)."""
         self.tokens += tokens
-        self.bar.update(1)
-        if self.bar.n % 64 == 0:
+        self.bar.update(lines)
+        if self.bar.n % 64 < lines:   # once every 64 lines or more
             self.bar.set_postfix_str(f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s",
                                      refresh=False)
 
@@ -2908,7 +2960,7 @@ def run(args, stats):
         bar = progress_bar(args, done)
         if bar:
             cleanup.callback(bar.close)
-            stats.on_line = bar.line_done
+            stats.on_lines = bar.lines_done
         output.write_all(embedder.arrays(sentences, stats), done, embedder.hidden)
 
 

@@ -512,3 +512,17 @@ def test_utf8_sig_drops_only_the_leading_bom(uncased_server, run_cli, tmp_path):
                               "--server", f"127.0.0.1:{srv.port}:{srv.port_out}"])
     assert rc == 0, err
     assert [a.shape for a in load_pickle(tmp_path / "out.pkl")] == [(2, 4), (2, 4)]   # line 2 is "\ufeff c": two tokens
+
+
+def test_progress_bar_counts_lines_in_bulk_and_shows_tokens_per_second(capsys):
+    """The server loop counts a run of finished lines at once: the bar moves by all of them, and its rate shows whenever it passes a multiple of 64 lines."""
+    from bert_token_embed import ProgressBar, Stats
+    bar = ProgressBar(total=200)
+    stats = Stats(on_lines=bar.lines_done)
+    stats.add(60, 600)
+    assert (bar.bar.n, bar.tokens, bar.bar.postfix) == (60, 600, None)
+    stats.add(10, 100, empty_tokens=2, long_lines=1)
+    assert (bar.bar.n, bar.tokens) == (70, 700) and bar.bar.postfix.endswith("tokens/s")
+    assert (stats.lines, stats.tokens, stats.empty_tokens, stats.long_lines) == (70, 700, 2, 1)
+    bar.close()
+    assert "70/200" in capsys.readouterr().err
