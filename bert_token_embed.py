@@ -53,6 +53,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import operator
 import pickle
 import queue
@@ -105,6 +106,7 @@ PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 
 OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
 INPUT_FORMATS = ("plain", "conllu", "conll")   # --input-format; the first is the default
 COUNT, SPELLED = operator.itemgetter(0), operator.itemgetter(1)   # the two halves of a PieceCounter entry
+NBYTES = operator.attrgetter("nbytes")   # of a memoryview: the bytes a buffer (bytes or array) holds
 PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
 CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
 WAITING = object()   # what ServerRun.place returns for a window that waits for the server's pieces of its units alone
@@ -2121,14 +2123,13 @@ class StagedFile:
                 self.file.write(buffer)
             return
         self.file.flush()
-        group, size = [], 0
-        for buffer in buffers:
-            group.append(buffer)
-            size += buffer.nbytes if isinstance(buffer, np.ndarray) else len(buffer)
-            if size >= WRITE_CALL_BYTES or len(group) >= 512:   # Linux takes at most 1024 buffers a call
-                write_all(self.file.fileno(), group, size)
-                group, size = [], 0
-        write_all(self.file.fileno(), group, size)
+        ends = [0, *itertools.accumulate(map(NBYTES, map(memoryview, buffers)))]   # bytes before each buffer
+        first = 0
+        while first < len(buffers):   # a call's buffers end with the one that takes it to WRITE_CALL_BYTES
+            end = min(bisect.bisect_left(ends, ends[first] + WRITE_CALL_BYTES, first + 1), first + 512,  # Linux takes
+                      len(buffers))                                                                 # 1024 at most
+            write_all(self.file.fileno(), buffers[first:end], ends[end] - ends[first])
+            first = end
         self.file.seek(0, os.SEEK_END)   # the file object's own idea of its position, after writes behind its back
 
     def truncate(self, size):
@@ -2328,7 +2329,7 @@ class PickleWriter(BatchWriter):
     @staticmethod
     @lru_cache(maxsize=4096)
     def item_opcodes(shape):
-        """The opcodes of a float32 array's pickle before and after its rows' bytes, without PROTO, FRAME and STOP.
+        """The opcodes of a float32 array's pickle before its rows' bytes (up to their length) and after, without PROTO, FRAME and STOP.
 
         numpy pickles an array as a rebuild call whose state ends with the rows as one
         bytes object; here that object is empty (SHORT_BINBYTES, length 0), and the last
@@ -2352,15 +2353,16 @@ class PickleWriter(BatchWriter):
         # import; the old name loads in both (numpy 2 keeps it for old pickles, without a warning).
         body = body.replace(b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray")
         at = body.rindex(b"C\x00")
-        return body[:at] + b"\x8e", body[at + 2:]   # BINBYTES8 and its 8-byte length come between
+        rows = 4 * math.prod(shape)
+        return body[:at] + b"\x8e" + rows.to_bytes(8, "little"), body[at + 2:]   # BINBYTES8 and the rows' length
 
     def write_batch(self, arrays):
         """Append the arrays to the list as one MARK ... APPENDS."""
-        buffers, opcodes = [], b"("   # each item's opcodes after its rows go out with the next item's before them
-        for array in arrays:
+        buffers, opcodes, item_opcodes = [], b"(", self.item_opcodes   # each item's opcodes after its rows go out
+        for array in arrays:                                               # with the next item's before them
             array = np.ascontiguousarray(array, dtype=np.float32)
-            before, after = self.item_opcodes(array.shape)
-            buffers += (opcodes + before + array.nbytes.to_bytes(8, "little"), array)
+            before, after = item_opcodes(array.shape)
+            buffers += (opcodes + before, array)
             opcodes = after
         buffers.append(opcodes + b"e")
         self.files[0].write_buffers(buffers)

@@ -343,3 +343,44 @@ def test_a_wait_for_the_writer_thread_that_a_signal_cut_short_waits_again(tmp_pa
     threading.Timer(0.3, release.set).start()
     call.wait()
     assert finished == [True]
+
+
+def test_buffers_go_out_in_calls_of_some_hundred_kb_and_survive_short_writes(tmp_path, monkeypatch):
+    """write_buffers ends each writev at the buffer that takes it to WRITE_CALL_BYTES (or at 512 buffers); a short write goes on where it stopped."""
+    rng = np.random.default_rng(3)
+    buffers = []
+    for n in rng.integers(1, 2000, 1500):   # headers and arrays, as the pickle writer hands them over
+        buffers += [bytes(rng.integers(0, 256, 7, dtype=np.uint8)), rng.random(int(n), dtype=np.float32)]
+    calls, real_writev = [], os.writev
+
+    def short_writev(fd, chunk):
+        sizes = [memoryview(b).nbytes for b in chunk]
+        calls.append((len(chunk), sum(sizes)))
+        whole = b"".join(bytes(memoryview(b).cast("B")) for b in chunk)
+        return os.write(fd, whole[:max(1, len(whole) * 2 // 3)])   # two thirds of it at most
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    staged = tool.StagedFile(str(tmp_path / "out.bin"), resume=False)
+    staged.write_buffers(buffers)
+    monkeypatch.setattr(os, "writev", real_writev)
+    staged.commit()
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+    sizes = [memoryview(b).nbytes for b in buffers]
+    first, expected = 0, []
+    while first < len(buffers):   # the first call of each group, as the contract says
+        end, total = first, 0
+        while end < len(buffers) and total < tool.WRITE_CALL_BYTES and end - first < 512:
+            total += sizes[end]
+            end += 1
+        expected.append((end - first, total))
+        first = end
+    at = 0
+    for count, total in expected:   # each group's first call, then its rest, two thirds at a time
+        assert calls[at] == (count, total)
+        left = total - max(1, total * 2 // 3)
+        while left:
+            at += 1
+            assert calls[at][1] == left
+            left -= max(1, left * 2 // 3)
+        at += 1
+    assert at == len(calls)
