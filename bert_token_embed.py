@@ -113,6 +113,7 @@ WAITING = object()   # what ServerRun.place returns for a window that waits for 
 WRITE_BATCH_LINES = 256   # lines written at once (big batches on a thread, while the next ones are merged)
 WRITE_CALL_BYTES = 256 << 10   # rows handed to one writev: per byte, far smaller calls cost more, and calls of 1 MB
                                # and over cost this machine's page cache up to 2x more CPU (measured: ext4, 2 cores)
+WRITE_CALL_BUFFERS = 512        # ... and at most this many buffers (Linux takes 1024 at most)
 WRITE_QUEUE_BATCHES = CHUNK_LINES // WRITE_BATCH_LINES   # batches waiting for that thread: a chunk's lines, done together
 WRITE_AT_ONCE_BYTES = 4 << 20   # a smaller batch, with none before it unwritten, is written without the thread, whose
                                 # hand-offs of the GIL cost more than it saves there (measured: 64-d rows, 1.4 MB a batch)
@@ -2125,9 +2126,9 @@ class StagedFile:
         self.file.flush()
         ends = [0, *itertools.accumulate(map(NBYTES, map(memoryview, buffers)))]   # bytes before each buffer
         first = 0
-        while first < len(buffers):   # a call's buffers end with the one that takes it to WRITE_CALL_BYTES
-            end = min(bisect.bisect_left(ends, ends[first] + WRITE_CALL_BYTES, first + 1), first + 512,  # Linux takes
-                      len(buffers))                                                                 # 1024 at most
+        while first < len(buffers):   # a call ends with the buffer that takes it to WRITE_CALL_BYTES
+            end = min(bisect.bisect_left(ends, ends[first] + WRITE_CALL_BYTES, first + 1), first + WRITE_CALL_BUFFERS,
+                      len(buffers))
             write_all(self.file.fileno(), buffers[first:end], ends[end] - ends[first])
             first = end
         self.file.seek(0, os.SEEK_END)   # the file object's own idea of its position, after writes behind its back
@@ -2358,8 +2359,9 @@ class PickleWriter(BatchWriter):
 
     def write_batch(self, arrays):
         """Append the arrays to the list as one MARK ... APPENDS."""
-        buffers, opcodes, item_opcodes = [], b"(", self.item_opcodes   # each item's opcodes after its rows go out
-        for array in arrays:                                               # with the next item's before them
+        # Each item's opcodes after its rows go out with the next item's before them.
+        buffers, opcodes, item_opcodes = [], b"(", self.item_opcodes
+        for array in arrays:
             array = np.ascontiguousarray(array, dtype=np.float32)
             before, after = item_opcodes(array.shape)
             buffers += (opcodes + before, array)

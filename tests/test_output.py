@@ -346,7 +346,7 @@ def test_a_wait_for_the_writer_thread_that_a_signal_cut_short_waits_again(tmp_pa
 
 
 def test_buffers_go_out_in_calls_of_some_hundred_kb_and_survive_short_writes(tmp_path, monkeypatch):
-    """write_buffers ends each writev at the buffer that takes it to WRITE_CALL_BYTES (or at 512 buffers); a short write goes on where it stopped."""
+    """write_buffers ends each writev at the buffer that takes it to WRITE_CALL_BYTES (or at WRITE_CALL_BUFFERS buffers); a short write goes on where it stopped."""
     rng = np.random.default_rng(3)
     buffers = []
     for n in rng.integers(1, 2000, 1500):   # headers and arrays, as the pickle writer hands them over
@@ -369,7 +369,7 @@ def test_buffers_go_out_in_calls_of_some_hundred_kb_and_survive_short_writes(tmp
     first, expected = 0, []
     while first < len(buffers):   # the first call of each group, as the contract says
         end, total = first, 0
-        while end < len(buffers) and total < tool.WRITE_CALL_BYTES and end - first < 512:
+        while end < len(buffers) and total < tool.WRITE_CALL_BYTES and end - first < tool.WRITE_CALL_BUFFERS:
             total += sizes[end]
             end += 1
         expected.append((end - first, total))
