@@ -7,10 +7,13 @@ the tool's server loop (``TokenEmbedder.arrays``, as the API and the command lin
 it) talks to a pool that answers each request at once, in order: with the pieces the
 stand-in's tokenizer gives each text (worked out and cached before the clock starts,
 and handed over as the JSON a real reply carries) and zero rows of the right shape.
-What is timed is the rest: reading the lines, the look-ups, planning, requests (their
-JSON too), placing the pieces, merging, handing lines out and, with ``--write``,
-pickling them to a file. Each version runs in a process of its own, the versions take
-turns, and each figure is the median of the rounds:
+What is timed is the rest, set up as the command line sets it up (its OpenBLAS on one
+thread, the objects that exist before the run frozen for the cycle collector, glibc
+keeping freed memory): reading the file and splitting its lines with the tool's own
+reader, the look-ups, planning, requests (their JSON too), placing the pieces, merging,
+handing lines out and, with ``--write``, pickling them to a file. Each version runs in
+a process of its own, the versions take turns, and each figure is the median of the
+rounds:
 
     python bench/bench_client.py                          # this version
     python bench/bench_client.py --tool OLD.py --write    # OLD.py, then this version, side by side
@@ -18,6 +21,7 @@ turns, and each figure is the median of the rounds:
 
 import argparse
 import collections
+import gc
 import json
 import os
 import pickle
@@ -96,20 +100,21 @@ def worker(tool_path, corpus, replies_path, hidden, output):
     spec.loader.exec_module(tool)
     with open(replies_path, "rb") as f:
         replies = pickle.load(f)
-    with open(corpus, encoding="utf-8") as f:
-        lines = [line.split() for line in f]
     embedder = tool.TokenEmbedder.__new__(tool.TokenEmbedder)
     embedder.backend, embedder.merge, embedder.batch_size = instant_pool(tool, replies, hidden), "last", 128
     embedder.hidden = hidden
+    tool.keep_freed_memory()
+    gc.freeze()
     started = time.process_time()
     writer = tool.PickleWriter(output, False) if output else None
     if writer:
         writer.start(hidden)
     tokens = 0
-    for array in embedder.arrays(iter(lines), tool.Stats()):
-        tokens += len(array)
-        if writer:
-            writer.write(array)
+    with open(corpus, "rb") as f:
+        for array in embedder.arrays(tool.read_sentences(tool.read_lines(f, corpus), "plain", corpus), tool.Stats()):
+            tokens += len(array)
+            if writer:
+                writer.write(array)
     if writer:
         writer.commit(hidden)
     print(json.dumps({"cpu": time.process_time() - started, "tokens": tokens}))
@@ -149,7 +154,8 @@ def main():
         for _ in range(args.rounds):
             for tool in tools:
                 result = subprocess.run([sys.executable, __file__, "--worker", tool, corpus, replies,
-                                         str(args.hidden), output], capture_output=True, text=True)
+                                         str(args.hidden), output], capture_output=True, text=True,
+                                        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
                 if result.returncode:
                     raise SystemExit(f"{tool} failed:\n{result.stderr}")
                 measured = json.loads(result.stdout)
