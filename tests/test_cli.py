@@ -208,6 +208,7 @@ def test_long_lines_every_token_gets_its_row(srv, tables, embed, expect, how):
     check_all(srv, tables, expect, text, arrays, how)
     assert arrays[0].shape == (2000, 64)
     assert re.search(r"\b8 lines needed extra windows", err), err
+    assert "; 1 word longer than a window kept only the pieces that fit" in err, err
 
 
 def test_long_line_rows_come_from_windows_with_left_context(srv, embed):
