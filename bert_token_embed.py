@@ -66,7 +66,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -96,6 +96,7 @@ MODEL_CHUNK_WINDOWS = 2   # ... and holds at most the tokens of this many batche
 FIRST_CHUNK_LINES = 512   # server mode's first chunk, smaller: the servers start sooner, later chunks sort by learnt counts
 MODEL_DTYPES = ("float32", "float16", "bfloat16")   # --dtype of the forward pass; rows come out float32 whatever it is
 READ_STEP = 128           # lines read between looks for replies
+READ_BLOCK = 1 << 16      # bytes of input read and decoded at once
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
 KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
 CONTEXT_SHARE = 0.25      # of a window's pieces, at most, given to left context from the window before
@@ -169,35 +170,87 @@ def plural(count, noun, nouns=None):
 
 def read_lines(stream, name, encoding="utf-8", errors="strict"):
     """Yield the lines of a binary stream as str, split at b"\\n" only, without a leading BOM or a "\\r" before "\\n"."""
-    offset = 0
-    warned_cr = False
-    utf8 = codecs.lookup(encoding).name == "utf-8"
-    for number, raw in enumerate(stream, 1):
-        start = offset
-        offset += len(raw)
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if number == 1 and utf8 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8):]
-            start += len(codecs.BOM_UTF8)
-        if b"\r" in raw and not warned_cr:
-            warned_cr = True
-            warn(f"{name}: line {number} contains a carriage return (\\r); only \\n ends a line "
-                 "(for old Mac files run: tr '\\r' '\\n' < IN > OUT)")
-        try:
-            yield raw.decode(encoding, errors)
-        except UnicodeDecodeError as err:
-            raise UsageError(
-                f"{name}: line {number} is not valid {encoding} (byte {start + err.start} of the file): "
-                f"use --encoding to name the file's encoding, or --errors replace to go on") from None
+    lines = LineDecoder(name, encoding, errors)
+    for block in line_blocks(stream):
+        yield from lines.decode(block)
+
+
+def line_blocks(stream):
+    """The stream's bytes in blocks of whole lines (the last may lack its b"\\n"), as soon as they come.
+
+    A stream with ``read1`` (a file, standard input) is read READ_BLOCK bytes at a time,
+    taking what a pipe holds without waiting for more; any other is iterated line by line.
+    """
+    read = getattr(stream, "read1", None)
+    chunks = iter(partial(read, READ_BLOCK), b"") if read else stream
+    rest = []   # the start of a line that continues in the next chunks
+    for chunk in chunks:
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            rest.append(chunk)
+            continue
+        yield b"".join(rest) + chunk[:cut] if rest else chunk[:cut]
+        rest = [chunk[cut:]] if cut < len(chunk) else []
+    if rest:
+        yield b"".join(rest)
+
+
+class LineDecoder:
+    """Blocks of whole lines in, their lines out as str; it counts lines and bytes, to say where a line is not valid."""
+
+    def __init__(self, name, encoding, errors):
+        self.name, self.encoding, self.errors = name, encoding, errors
+        self.utf8 = codecs.lookup(encoding).name == "utf-8"
+        self.number = self.offset = 0   # the lines and bytes before the block
+        self.warned_cr = False
+
+    def decode(self, block):
+        """The block's lines: decoded at once, or one by one where a "\\r" is not before a "\\n" or a line is not valid."""
+        if not self.number and self.utf8 and block.startswith(codecs.BOM_UTF8):
+            block = block[len(codecs.BOM_UTF8):]
+            self.offset += len(codecs.BOM_UTF8)
+        crlf = b"\r" in block
+        if not crlf or block.count(b"\r") == block.count(b"\r\n"):   # no "\r", or Windows line ends only
+            try:
+                text = block.decode(self.encoding, self.errors)
+            except UnicodeDecodeError:
+                pass
+            else:
+                lines = (text.replace("\r\n", "\n") if crlf else text).split("\n")
+                if block.endswith(b"\n"):
+                    lines.pop()   # the empty string after the last b"\n"
+                self.number += len(lines)
+                self.offset += len(block)
+                return lines
+        return self.decode_each(block)
+
+    def decode_each(self, block):
+        """Yield the block's lines one by one; warn at the first "\\r" inside a line, raise a UsageError at a line not valid."""
+        raws = block.split(b"\n")
+        if block.endswith(b"\n"):
+            raws.pop()
+        for raw in raws:
+            self.number += 1
+            start = self.offset
+            self.offset += len(raw) + 1
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if b"\r" in raw and not self.warned_cr:
+                self.warned_cr = True
+                warn(f"{self.name}: line {self.number} contains a carriage return (\\r); only \\n ends a line "
+                     "(for old Mac files run: tr '\\r' '\\n' < IN > OUT)")
+            try:
+                yield raw.decode(self.encoding, self.errors)
+            except UnicodeDecodeError as err:
+                raise UsageError(
+                    f"{self.name}: line {self.number} is not valid {self.encoding} (byte {start + err.start} of the "
+                    f"file): use --encoding to name the file's encoding, or --errors replace to go on") from None
 
 
 def read_sentences(lines, input_format, name):
     """Yield each sentence's tokens: a line's whitespace tokens (plain), or a CoNLL block's token column."""
     if input_format == "plain":
-        return (line.split() for line in lines)
+        return map(str.split, lines)
     return read_blocks(lines, input_format == "conllu", name)
 
 
@@ -491,15 +544,18 @@ class PieceCounter:
         apart, and the fast path must not. So is one whose piece count is not the one
         ``learn`` keeps (a window's context): the estimates, and with them the windows
         of long lines, stay what they were without the fast path. A wrong guess of the
-        same count is replaced.
+        same count is replaced. No piece of a real server holds a space, and one that
+        did would be left out too: an entry's count is always the spaces in its joined
+        pieces, plus one (``Sentence.size`` counts on it).
         """
         known, p = self.known, 0
         for unit, count in zip(units, counts):
             entry = known.get(unit)
             if count and entry is not None and entry[0] == count:
                 own = pieces[p:p + count]
-                if "[UNK]" not in own:
-                    known[unit] = (count, " ".join(own))
+                joined = " ".join(own)
+                if "[UNK]" not in own and joined.count(" ") == count - 1:
+                    known[unit] = (count, joined)
             p += count
 
     def spells(self, units, pieces, entries=None, counts=None):
@@ -594,7 +650,7 @@ class Sentence:
     and the line's rows are merged from them at the end.
     """
 
-    __slots__ = ("number", "tokens", "counter", "entries", "estimate", "size", "spelled", "_basic", "units", "block",
+    __slots__ = ("number", "tokens", "counter", "entries", "size", "spelled", "_basic", "units", "block",
                  "counts", "in_flight", "windows", "truncated_units", "seen", "resynced")
 
     def __init__(self, number, tokens, counter):
@@ -602,9 +658,9 @@ class Sentence:
         self.tokens = tokens
         self.counter = counter
         self.entries = counter.entries(tokens)                # what was known of each token when the line was read
-        self.estimate = list(map(COUNT, self.entries))        # each token's expected piece count
-        self.size = sum(self.estimate)                        # the line's expected piece count
         self.spelled = counter.spelled(self.entries)          # its expected pieces joined, if all are known
+        # The line's expected piece count: the spaces between its expected pieces tell it, without a look at each token.
+        self.size = self.spelled.count(" ") + 1 if self.spelled else sum(map(COUNT, self.entries))
         self._basic = None                                    # each token's basic tokens, once needed
         self.units = None                                     # a long line's Unit records
         self.block = None                                     # the line's rows, from one window
@@ -612,6 +668,11 @@ class Sentence:
         self.in_flight = self.windows = self.truncated_units = 0
         self.seen = [0, 0]                                    # pieces, and their estimate, of the units covered so far
         self.resynced = False
+
+    @property
+    def estimate(self):
+        """Each token's expected piece count, as known when the line was read."""
+        return list(map(COUNT, self.entries))
 
     @property
     def basic(self):
@@ -629,8 +690,10 @@ class Sentence:
             self.units is not None and all(unit.state == DONE for unit in self.units))
 
     def texts(self, start, end):
-        """The texts of units [start, end) (the tokens, before the line has units)."""
-        return self.tokens[start:end] if self.units is None else [u.text for u in self.units[start:end]]
+        """The texts of units [start, end) (the tokens, before the line has units): not to be changed."""
+        if self.units is None:
+            return self.tokens if start == 0 and end == len(self.tokens) else self.tokens[start:end]
+        return [u.text for u in self.units[start:end]]
 
     def basics(self, start, end):
         """The basic tokens of units [start, end)."""

@@ -1,6 +1,7 @@
 """read_lines: bytes in, one str per line out; only b"\\n" ends a line."""
 
 import io
+import os
 
 import pytest
 
@@ -112,3 +113,44 @@ def test_reads_lazily():
     stream = Stream()
     gen = read_lines(stream, "in.txt")
     assert next(gen) == "a" and stream.read == 1
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 7 bytes: most lines begin in one read and end in another."""
+    import bert_token_embed
+    monkeypatch.setattr(bert_token_embed, "READ_BLOCK", 7)
+
+
+def test_lines_across_blocks_are_the_same(small_blocks):
+    data = "first line\nb\n\nnaïve café and a long line of many words\r\nlast".encode("utf-8")
+    assert lines(data) == ["first line", "b", "", "naïve café and a long line of many words", "last"]
+    assert lines(b"\xef\xbb\xbf" + data) == lines(data)
+    assert lines(b"a\r\nb\r\n") == lines(b"a\nb\n") == ["a", "b"]
+
+
+def test_error_in_a_later_block_names_its_line_and_byte(small_blocks):
+    data = b"\xef\xbb\xbfok\r\nline two\nthree \xff\nfour\n"
+    assert data[22:23] == b"\xff"
+    stream = read_lines(io.BytesIO(data), "in.txt")
+    assert [next(stream), next(stream)] == ["ok", "line two"]
+    with pytest.raises(UsageError, match=r"line 3 .*byte 22 of the file"):
+        next(stream)
+
+
+def test_a_carriage_return_in_a_later_block_warns_once(small_blocks, capsys):
+    assert lines(b"a b c d e\nf\rg\r\nh\ri\n") == ["a b c d e", "f\rg", "h\ri"]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "line 2" in err
+
+
+def test_a_pipe_is_read_as_lines_come(tmp_path):
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as pipe, open(write_end, "wb", buffering=0) as writer:
+        gen = read_lines(pipe, "-")
+        writer.write(b"first\nsec")
+        assert next(gen) == "first"   # without waiting for a full block, or for the end
+        writer.write(b"ond\n")
+        assert next(gen) == "second"
+        writer.close()
+        assert list(gen) == []
