@@ -107,6 +107,7 @@ PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 
 OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
 INPUT_FORMATS = ("plain", "conllu", "conll")   # --input-format; the first is the default
 COUNT, SPELLED = operator.itemgetter(0), operator.itemgetter(1)   # the two halves of a PieceCounter entry
+FIRST, LAST = operator.itemgetter(0), operator.itemgetter(-1)      # a piece list's ends
 NBYTES = operator.attrgetter("nbytes")   # of a memoryview: the bytes a buffer (bytes or array) holds
 PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
 CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
@@ -664,7 +665,7 @@ class Sentence:
         self._basic = None                                    # each token's basic tokens, once needed
         self.units = None                                     # a long line's Unit records
         self.block = None                                     # the line's rows, from one window
-        self.counts = None                                    # each token's piece count, with the block
+        self.counts = None                                    # each token's piece count (None: as estimated)
         self.in_flight = self.windows = self.truncated_units = 0
         self.seen = [0, 0]                                    # pieces, and their estimate, of the units covered so far
         self.resynced = False
@@ -758,19 +759,22 @@ class Sentence:
     def empty_tokens(self):
         """How many tokens have no piece, once done."""
         if self.units is None:
-            return self.counts.count(0) if self.counts else 0
+            return self.counts.count(0) if self.counts else 0   # a line of the fast path has none
         return int((self.token_counts() == 0).sum())
 
     def token_counts(self):
         """Each token's piece count, once done."""
         if self.units is None:
-            return np.asarray(self.counts or [], dtype=np.int64)
+            return np.asarray(self.estimate if self.counts is None else self.counts, dtype=np.int64)
         pieces = np.bincount([u.owner for u in self.units], weights=[u.pieces for u in self.units],
                              minlength=len(self.tokens))
         return pieces.astype(np.int64)
 
     def store(self, first, counts, rows):
-        """Keep the rows of a window's kept units: the line's merged rows (the whole line), or each unit's pieces' rows."""
+        """Keep the rows of a window's kept units: the line's merged rows (the whole line), or each unit's pieces' rows.
+
+        A whole line's ``counts`` are None where they are its estimate (the fast path).
+        """
         if self.units is None:
             self.block, self.counts = rows, counts
             return
@@ -965,14 +969,17 @@ def merge_whole_lines(source, sentences, starts, sizes, counts, how):
     """Store the rows of lines that came whole in one window each, merged with one gather from ``source``.
 
     Line k's ``sizes[k]`` pieces are the rows ``starts[k]`` on of ``source``, a (rows, D)
-    array, and its tokens have ``counts[k]`` pieces each.
+    array, and its tokens have ``counts[k]`` pieces each, or, where that is None, the
+    counts of its entries (its estimate), read here with no list made per line.
     """
     index = runs_index(starts, sizes)
-    ends = list(itertools.accumulate(map(len, counts)))
-    token_counts = np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64, count=ends[-1])
+    ends = list(itertools.accumulate(len(sentence.tokens) for sentence in sentences))
+    token_counts = np.fromiter(itertools.chain.from_iterable(
+        map(COUNT, sentence.entries) if line_counts is None else line_counts
+        for sentence, line_counts in zip(sentences, counts)), dtype=np.int64, count=ends[-1])
     merged = merge_segments(source, token_counts, how, index)
     for sentence, line_counts, end in zip(sentences, counts, ends):
-        sentence.store(0, line_counts, merged[end - len(line_counts):end])
+        sentence.store(0, line_counts, merged[end - len(sentence.tokens):end])
 
 
 # ---------------------------------------------------------------- what both modes share: the backend interface, batches
@@ -1433,22 +1440,35 @@ def check_reply(server, request, embedding, tokens, hidden):
         problem = f"an array of shape {list(embedding.shape)} for {n} sentences of hidden size {hidden or '?'}"
     elif embedding.dtype not in (np.float32, np.float16):
         problem = f"an array of dtype {embedding.dtype}"
+    elif (i := malformed_piece_list(tokens, embedding.shape[1])) is not None:
+        problem = f"a malformed piece list for sentence {i + 1}"
     else:
-        for i, pieces in enumerate(tokens):
-            if (not isinstance(pieces, list) or len(pieces) < 2 or len(pieces) > embedding.shape[1]
-                    or pieces[0] != "[CLS]" or pieces[-1] != "[SEP]"):
-                problem = f"a malformed piece list for sentence {i + 1}"
-                break
-        else:
-            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
-            padded = np.flatnonzero(lengths < embedding.shape[1])
-            rows_after = embedding[padded, lengths[padded]].any(axis=1)
-            if rows_after.any():
-                i = padded[rows_after.argmax()]
-                problem = f"{lengths[i]} pieces but more rows for sentence {i + 1}"
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
+        padded = np.flatnonzero(lengths < embedding.shape[1])
+        rows_after = embedding[padded, lengths[padded]].any(axis=1)
+        if rows_after.any():
+            i = padded[rows_after.argmax()]
+            problem = f"{lengths[i]} pieces but more rows for sentence {i + 1}"
     if problem:
         raise RunError(f"server {server.name} sent a malformed reply (request {request.kind} of {n} sentences): "
                        f"{problem}; is it a bert-serving-server 1.10 with -pooling_strategy NONE?")
+
+
+def malformed_piece_list(tokens, width):
+    """The index of the first piece list that is not a list of 2 to ``width`` pieces, [CLS] first and [SEP] last; None if none.
+
+    All are checked at once, by loops in C over the reply; only to name a bad one are they
+    looked at one by one.
+    """
+    if set(map(type, tokens)) <= {list}:
+        lengths = list(map(len, tokens))
+        if (min(lengths, default=2) >= 2 and max(lengths, default=2) <= width
+                and list(map(FIRST, tokens)).count("[CLS]") == len(tokens)
+                and list(map(LAST, tokens)).count("[SEP]") == len(tokens)):
+            return None
+    return next((i for i, pieces in enumerate(tokens) if not (
+        isinstance(pieces, list) and 2 <= len(pieces) <= width and pieces[0] == "[CLS]" and pieces[-1] == "[SEP]")),
+        None)
 
 
 class Parked:
@@ -1649,7 +1669,7 @@ class ServerRun:
             done.append(self.open_lines.popleft())
         if not done:
             return
-        unusual = [s for s in done if s.block is None or s.resynced or 0 in s.counts]
+        unusual = [s for s in done if s.block is None or s.resynced or (s.counts is not None and 0 in s.counts)]
         self.stats.add(len(done), sum(len(s.tokens) for s in done), sum(s.empty_tokens() for s in unusual),
                        sum(s.windows > 1 for s in unusual), sum(s.resynced for s in unusual),
                        sum(s.truncated_units for s in unusual))
@@ -1695,7 +1715,7 @@ class ServerRun:
                 joined = " ".join(pieces)   # with "[CLS] " and " [SEP]", which check_reply saw
                 if len(joined) == len(expected) + 12 and joined.startswith(expected, 6):
                     sentence.in_flight -= 1
-                    spelled.append((sentence, i * width + 1, sentence.size, sentence.estimate))
+                    spelled.append((sentence, i * width + 1, sentence.size, None))   # counts: as estimated
                     continue
             others.append(i)
         if spelled:
