@@ -106,7 +106,6 @@ PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 
                   (3, 10): (13, 0), (3, 11): (14, 0), (3, 12): (15, 0), (3, 13): (15, 1), (3, 14): (16, 0)}
 OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
 INPUT_FORMATS = ("plain", "conllu", "conll")   # --input-format; the first is the default
-COUNT, SPELLED = operator.itemgetter(0), operator.itemgetter(1)   # the two halves of a PieceCounter entry
 FIRST, LAST = operator.itemgetter(0), operator.itemgetter(-1)      # a piece list's ends
 NBYTES = operator.attrgetter("nbytes")   # of a memoryview: the bytes a buffer (bytes or array) holds
 PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
@@ -486,12 +485,14 @@ class PieceCounter:
     Words repeat, so all are looked up rather than worked out again. The piece counts
     are the server's where an earlier reply gave one, else one per basic token; they make
     the length estimates, and with them the length-sorted batches, nearly exact after
-    the first few batches. A unit's entry is (its piece count, its pieces joined by " ",
-    or None), one lookup for both: a line's entries, taken when it is read, serve its
-    fast path when the reply comes, with no lookup then. The pieces are a reply's, or
-    until one came the basic tokens, one piece each, as most words are: a guess that
-    the fast path checks like any other. An entry is replaced, never changed, so the
-    count and pieces of one always agree.
+    the first few batches. A unit's entry is its pieces joined by " " where they are
+    known (none "[UNK]"), else its piece count: an int, learnt from a window, or 0 for a
+    unit with no piece. No piece holds a space or a tab, so a joined entry's count is its
+    spaces plus one, and a line's entries joined by a tab (``spelled``) tell both its
+    pieces and each token's count: one lookup per unit when a line is read serves its
+    fast path when the reply comes. The pieces are a reply's, or until one came the
+    basic tokens, one piece each, as most words are: a guess that the fast path checks
+    like any other.
     """
 
     def __init__(self, lowercase, lacks=None, capacity=1 << 18):   # units: some 100 MB at most
@@ -499,8 +500,7 @@ class PieceCounter:
         self.lacks = lacks   # the characters the server's Unicode tables do not have
         self.capacity = capacity
         self.basic = {}    # unit -> its basic tokens
-        self.known = {}    # unit -> (its piece count, learnt or estimated; its pieces joined, no "[UNK]",
-                           # or None where the count was learnt from a window, or the unit has no piece)
+        self.known = {}    # unit -> its entry: its pieces joined, or its piece count (learnt or estimated)
 
     def look_up(self, units):
         """The units' basic tokens and piece counts, as two lists."""
@@ -509,10 +509,10 @@ class PieceCounter:
         except KeyError:   # a unit not seen since the last clear
             self.add(units)
             basic = list(map(self.basic.__getitem__, units))
-        return basic, list(map(COUNT, map(self.known.__getitem__, units)))
+        return basic, list(map(entry_count, map(self.known.__getitem__, units)))
 
     def entries(self, units):
-        """The units' entries, (piece count, pieces joined or None): one dict lookup per unit where all were seen before."""
+        """The units' entries (pieces joined, or a piece count): one dict lookup per unit where all were seen before."""
         try:
             return list(map(self.known.__getitem__, units))
         except KeyError:
@@ -530,13 +530,13 @@ class PieceCounter:
 
     @staticmethod
     def first_guess(basic):
-        """The entry of a unit with these basic tokens before any reply: one piece each; no pieces to expect if it has none."""
-        return (len(basic), " ".join(basic)) if basic else (0, None)
+        """The entry of a unit with these basic tokens before any reply: one piece each; 0 pieces if it has none."""
+        return " ".join(basic) if basic else 0
 
     def learn(self, units, counts, estimates):
-        """Remember the server's piece counts where they differ from the estimates (the pieces, if known, go with the old count)."""
+        """Remember the server's piece counts where they differ from the estimates (its pieces are then not known)."""
         if counts != estimates:
-            self.known.update((u, (c, None)) for u, c, e in zip(units, counts, estimates) if c != e)
+            self.known.update((u, c) for u, c, e in zip(units, counts, estimates) if c != e)
 
     def remember(self, units, counts, pieces):
         """Remember each leading unit's pieces (``counts[i]`` of them, in turn in ``pieces``) for ``spells``.
@@ -545,25 +545,23 @@ class PieceCounter:
         apart, and the fast path must not. So is one whose piece count is not the one
         ``learn`` keeps (a window's context): the estimates, and with them the windows
         of long lines, stay what they were without the fast path. A wrong guess of the
-        same count is replaced. No piece of a real server holds a space, and one that
-        did would be left out too: an entry's count is always the spaces in its joined
-        pieces, plus one (``Sentence.size`` counts on it).
+        same count is replaced. No piece of a real server holds a space or a tab, and one
+        that did would be left out too, so that an entry's count is what its spaces say.
         """
         known, p = self.known, 0
         for unit, count in zip(units, counts):
             entry = known.get(unit)
-            if count and entry is not None and entry[0] == count:
+            if count and entry is not None and entry_count(entry) == count:
                 own = pieces[p:p + count]
                 joined = " ".join(own)
-                if "[UNK]" not in own and joined.count(" ") == count - 1:
-                    known[unit] = (count, joined)
+                if "[UNK]" not in own and joined.count(" ") == count - 1 and "\t" not in joined:
+                    known[unit] = joined
             p += count
 
     def spells(self, units, pieces, entries=None, counts=None):
         """The units' piece counts if ``pieces`` are the pieces each unit had before, one after another; else None.
 
-        The fast path for the common case, a handful of operations per sentence: the
-        units' known pieces, joined, are compared with the pieces joined. ``entries``
+        The units' known pieces, joined, are compared with the pieces joined. ``entries``
         are the units' entries taken earlier (when the line was read), so that no lookup
         is needed now, and ``counts`` are their piece counts, if at hand; only a unit
         whose pieces were not known then is looked at again (``guess``). No expected piece
@@ -577,15 +575,15 @@ class PieceCounter:
         if expected is None:
             known, guessed = list(known), {}
             for i, entry in enumerate(known):
-                if entry[1] is None:
+                if entry.__class__ is int:
                     known[i] = guessed[units[i]] = self.guess(units[i])
                     if known[i] is None:
                         return None   # a unit with no piece: align must see it
             expected = self.spelled(known)
             counts = None
         if counts is None:
-            counts = list(map(COUNT, known))
-        if sum(counts) != len(pieces) or expected != " ".join(pieces):
+            counts = list(map(entry_count, known))
+        if sum(counts) != len(pieces) or expected.replace("\t", " ") != " ".join(pieces):
             return None
         if guessed:
             self.known.update(guessed)   # right this time: known from now on
@@ -593,21 +591,38 @@ class PieceCounter:
 
     @staticmethod
     def spelled(entries):
-        """The units' known pieces, all joined by " ", as a reply's would be; None where some unit's pieces are not known."""
+        """The units' known pieces, joined by " " within a unit and by a tab between units; None where some unit's pieces are not known."""
         try:
-            return " ".join(map(SPELLED, entries))
-        except TypeError:   # a None among them
+            return "\t".join(entries)
+        except TypeError:   # a count among them
             return None
 
     def guess(self, unit):
         """The unit's entry with its pieces: as known now, else its first guess (after a window taught its count); None for a unit with no piece."""
         entry = self.known.get(unit)
-        if entry is not None and entry[1] is not None:   # learnt since the line's entries were taken
+        if entry is not None and entry.__class__ is str:   # learnt since the line's entries were taken
             return entry
         if unit not in self.basic:
             self.add([unit])
-        entry = self.first_guess(self.basic[unit])
-        return entry if entry[1] is not None else None
+        return self.first_guess(self.basic[unit]) or None
+
+
+def entry_count(entry):
+    """The piece count of a PieceCounter entry."""
+    return entry if entry.__class__ is int else entry.count(" ") + 1
+
+
+def spelled_piece_counts(spelled, tokens):
+    """Each token's piece count, in order, for lines spelled as ``PieceCounter.spelled`` spells them, of ``tokens`` tokens in all.
+
+    Read from the lines' bytes at once: a space is inside a token, a tab ends one.
+    """
+    if not tokens:
+        return np.zeros(0, dtype=np.int64)
+    chars = np.frombuffer("\t".join(spelled).encode("utf-8"), dtype=np.uint8)
+    separators = chars[(chars == 32) | (chars == 9)]
+    inside = separators == 32
+    return np.bincount(np.cumsum(~inside)[inside], minlength=tokens) + 1
 
 
 # ---------------------------------------------------------------- windows for long sentences
@@ -660,8 +675,9 @@ class Sentence:
         self.counter = counter
         self.entries = counter.entries(tokens)                # what was known of each token when the line was read
         self.spelled = counter.spelled(self.entries)          # its expected pieces joined, if all are known
-        # The line's expected piece count: the spaces between its expected pieces tell it, without a look at each token.
-        self.size = self.spelled.count(" ") + 1 if self.spelled else sum(map(COUNT, self.entries))
+        # The line's expected piece count: its tokens and the spaces inside them tell it, without a look at each one.
+        self.size = (len(tokens) + self.spelled.count(" ") if self.spelled is not None
+                     else sum(map(entry_count, self.entries)))
         self._basic = None                                    # each token's basic tokens, once needed
         self.units = None                                     # a long line's Unit records
         self.block = None                                     # the line's rows, from one window
@@ -673,7 +689,7 @@ class Sentence:
     @property
     def estimate(self):
         """Each token's expected piece count, as known when the line was read."""
-        return list(map(COUNT, self.entries))
+        return list(map(entry_count, self.entries))
 
     @property
     def basic(self):
@@ -962,24 +978,24 @@ def merge_parts(parts, how):
             by_source.setdefault(id(source), (source, []))[1].append((window.sentence, start, counts))
     for source, members in by_source.values():
         sentences, starts, counts = zip(*members)
-        merge_whole_lines(source, sentences, starts, list(map(sum, counts)), counts, how)
+        token_counts = np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64,
+                                   count=sum(map(len, counts)))
+        merge_whole_lines(source, sentences, starts, list(map(sum, counts)), token_counts, how, counts)
 
 
-def merge_whole_lines(source, sentences, starts, sizes, counts, how):
+def merge_whole_lines(source, sentences, starts, sizes, token_counts, how, counts=None):
     """Store the rows of lines that came whole in one window each, merged with one gather from ``source``.
 
     Line k's ``sizes[k]`` pieces are the rows ``starts[k]`` on of ``source``, a (rows, D)
-    array, and its tokens have ``counts[k]`` pieces each, or, where that is None, the
-    counts of its entries (its estimate), read here with no list made per line.
+    array; ``token_counts`` are the piece counts of all the lines' tokens, one after
+    another. Each line keeps its ``counts[k]`` (a list), or without ``counts`` its estimate.
     """
     index = runs_index(starts, sizes)
-    ends = list(itertools.accumulate(len(sentence.tokens) for sentence in sentences))
-    token_counts = np.fromiter(itertools.chain.from_iterable(
-        map(COUNT, sentence.entries) if line_counts is None else line_counts
-        for sentence, line_counts in zip(sentences, counts)), dtype=np.int64, count=ends[-1])
     merged = merge_segments(source, token_counts, how, index)
-    for sentence, line_counts, end in zip(sentences, counts, ends):
-        sentence.store(0, line_counts, merged[end - len(sentence.tokens):end])
+    end = 0
+    for sentence, line_counts in zip(sentences, counts or itertools.repeat(None)):
+        start, end = end, end + len(sentence.tokens)
+        sentence.store(0, line_counts, merged[start:end])
 
 
 # ---------------------------------------------------------------- what both modes share: the backend interface, batches
@@ -1700,12 +1716,13 @@ class ServerRun:
     def take_spelled_lines(self, windows, tokens, rows, width):
         """The fast path of a reply: store at once the rows of every whole line whose tokens had the pieces they had before; return the others' indices.
 
-        Such a line is one window sent without context, so once its pieces, joined as
-        ``PieceCounter.spells`` joins them (``Sentence.spelled``), are the reply's, all that
+        Such a line is one window sent without context, so once its expected pieces
+        (``Sentence.spelled``, its tabs read as spaces) are the reply's, joined, all that
         ``Sentence.accept`` would do is count the window in: its piece counts are its
-        estimate, with nothing to learn. Its rows are those of reply row i, from ``rows``
-        (the reply's rows, ``width`` per sentence, [CLS] first). One join and one
-        comparison per line; ``place`` sees the rest.
+        estimate, with nothing to learn, and are read for all such lines at once from
+        their spelled pieces. Its rows are those of reply row i, from ``rows`` (the reply's
+        rows, ``width`` per sentence, [CLS] first). One join and one comparison per line;
+        ``place`` sees the rest.
         """
         spelled, others = [], []
         for i, (window, pieces) in enumerate(zip(windows, tokens)):
@@ -1713,13 +1730,15 @@ class ServerRun:
             expected = sentence.spelled
             if expected is not None and sentence.units is None and len(pieces) == sentence.size + 2:
                 joined = " ".join(pieces)   # with "[CLS] " and " [SEP]", which check_reply saw
-                if len(joined) == len(expected) + 12 and joined.startswith(expected, 6):
+                if len(joined) == len(expected) + 12 and joined.startswith(expected.replace("\t", " "), 6):
                     sentence.in_flight -= 1
-                    spelled.append((sentence, i * width + 1, sentence.size, None))   # counts: as estimated
+                    spelled.append((sentence, i * width + 1, sentence.size))
                     continue
             others.append(i)
         if spelled:
-            merge_whole_lines(rows, *zip(*spelled), self.how)
+            sentences, starts, sizes = zip(*spelled)
+            token_counts = spelled_piece_counts([s.spelled for s in sentences], sum(len(s.tokens) for s in sentences))
+            merge_whole_lines(rows, sentences, starts, sizes, token_counts, self.how)
         return others
 
     def ran_short(self, counts, units, pieces):

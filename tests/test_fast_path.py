@@ -2,7 +2,7 @@
 
 import random
 
-from bert_token_embed import PieceCounter, align
+from bert_token_embed import PieceCounter, Sentence, align, entry_count, spelled_piece_counts
 
 SOME = ["a", "b", "c", "é", "-", "#", " ", "\t"]
 ODD = ["a", "b", "#", "##", " ", "", "[UNK]", "ab", "c", "\t", "é", "-", "a b"]
@@ -66,15 +66,15 @@ def test_known_pieces_and_new_words():
     units = ["hankcs", "is", "here"]
     basic, estimates = counter.look_up(units)
     pieces = ["hank", "##cs", "is", "here"]
-    assert counter.known["hankcs"] == (1, "hankcs")   # the first guess: one piece per basic token
+    assert counter.known["hankcs"] == "hankcs"   # the first guess: one piece per basic token
     assert counter.spells(units, pieces) is None   # hankcs is not one piece
     counts = align(basic, pieces)
     counter.remember(units, counts, pieces)         # before the count is learnt: the estimates stay as they are
-    assert counter.known["hankcs"] == (1, "hankcs")
+    assert counter.known["hankcs"] == "hankcs"
     counter.learn(units, counts, estimates)         # as Sentence.accept does first
-    assert counter.known["hankcs"] == (2, None)
+    assert counter.known["hankcs"] == 2
     counter.remember(units, counts, pieces)
-    assert counter.known["hankcs"] == (2, "hank ##cs")
+    assert counter.known["hankcs"] == "hank ##cs"
     assert counter.spells(["here", "hankcs"], ["here", "hank", "##cs"]) == [1, 2]
     assert counter.spells(["hankcs", "now"], ["hank", "##cs", "now"]) == [2, 1]   # "now": new, one piece
     assert counter.spells(["now", "hankcs"], ["now", "hank", "##c", "##s"]) is None
@@ -84,32 +84,32 @@ def test_known_pieces_and_new_words():
 def test_a_wrong_guess_of_the_right_count_is_replaced_by_the_pieces_align_placed():
     counter = PieceCounter(lowercase=True)
     basic, estimates = counter.look_up(["naïve"])
-    assert counter.known["naïve"] == (1, "naive")
+    assert counter.known["naïve"] == "naive"
     pieces = ["nai", "##ve"]   # (as a server with other tables might split it)
     counts = align(basic, pieces)
     counter.learn(["naïve"], counts, estimates)
     counter.remember(["naïve"], counts, pieces)
     assert counter.spells(["naïve"], pieces) == [2]
     counter.remember(["naïve"], [2], ["na", "##ive"])   # the same count, other pieces: the reply's win
-    assert counter.known["naïve"] == (2, "na ##ive")
+    assert counter.known["naïve"] == "na ##ive"
     assert counter.spells(["naïve"], ["na", "##ive"]) == [2]
 
 
 def test_entries_taken_when_a_line_was_read_still_place_it_after_the_counts_changed():
-    """A line's entries are taken when it is read and its reply comes later: an entry holds a count and the pieces
-    that go with it, so an old one still places the line, and one without pieces sends it to the look-ups."""
+    """A line's entries are taken when it is read and its reply comes later: an entry holds the pieces (and so their
+    count), so an old one still places the line, and one with only a count sends it to the look-ups."""
     counter = PieceCounter(lowercase=True)
     units = ["hankcs", "is"]
     counter.learn(units, [2, 1], counter.look_up(units)[1])
     counter.remember(units, [2, 1], ["hank", "##cs", "is"])
     entries = counter.entries(units)                   # as Sentence takes them
-    assert entries == [(2, "hank ##cs"), (1, "is")]
+    assert entries == ["hank ##cs", "is"]
     counter.learn(["hankcs"], [3], [2])                # a later reply changed the count: the pieces went with it
-    assert counter.known["hankcs"] == (3, None)
+    assert counter.known["hankcs"] == 3
     assert counter.spells(units, ["hank", "##cs", "is"], entries) == [2, 1]
     assert counter.spells(units, ["hank", "##c", "##s", "is"], entries) is None
     fresh = counter.entries(units)                     # no pieces known for hankcs now: guessed, as basic tokens
-    assert counter.spells(units, ["hankcs", "is"], fresh) == [1, 1] and counter.known["hankcs"] == (1, "hankcs")
+    assert counter.spells(units, ["hankcs", "is"], fresh) == [1, 1] and counter.known["hankcs"] == "hankcs"
 
 
 def test_entries_taken_when_lines_are_read_agree_with_align_whatever_order_the_replies_come_in():
@@ -123,7 +123,7 @@ def test_entries_taken_when_lines_are_read_agree_with_align_whatever_order_the_r
         for _ in range(8):
             units = some_units(rng)
             entries = counter.entries(units)
-            read.append((units, entries, [count for count, _ in entries]))
+            read.append((units, entries, list(map(entry_count, entries))))
         rng.shuffle(read)
         for units, entries, estimate in read:
             basic = counter.look_up(units)[0]
@@ -131,3 +131,26 @@ def test_entries_taken_when_lines_are_read_agree_with_align_whatever_order_the_r
             hits += check_or_learn(counter, units, basic, pieces, counter.spells(units, pieces, entries, estimate),
                                    estimate)
     assert hits > 500
+
+
+def test_a_lines_spelled_pieces_tell_its_size_and_each_tokens_count():
+    """Sentence.spelled joins pieces by a space and tokens by a tab: its size and the counts need no look at each token."""
+    counter = PieceCounter(lowercase=True)
+    units = ["hankcs", "e-mail", "is", "naïve"]
+    counter.learn(units, [2, 3, 1, 1], counter.look_up(units)[1])
+    counter.remember(units, [2, 3, 1, 1], ["hank", "##cs", "e", "-", "mail", "is", "naive"])
+    line, empty, other = Sentence(1, units, counter), Sentence(2, [], counter), Sentence(3, ["is", "is"], counter)
+    assert line.spelled == "hank ##cs\te - mail\tis\tnaive" and line.size == 7 and line.estimate == [2, 3, 1, 1]
+    assert empty.spelled == "" and empty.size == 0
+    assert list(spelled_piece_counts([line.spelled, empty.spelled, other.spelled], 6)) == [2, 3, 1, 1, 1, 1]
+    assert list(spelled_piece_counts([], 0)) == []
+    counter.learn(["is"], [4], [1])   # a count without pieces: no spelled line, the size from the counts
+    assert Sentence(4, ["is", "naïve"], counter).spelled is None and Sentence(4, ["is", "naïve"], counter).size == 5
+
+
+def test_pieces_with_a_space_or_a_tab_are_not_remembered():
+    """An entry's count is what its spaces say, so a (malformed) piece holding one is never an entry's."""
+    counter = PieceCounter(lowercase=True)
+    counter.look_up(["ab", "cd"])
+    counter.remember(["ab", "cd"], [1, 1], ["a b", "c\td"])
+    assert counter.known == {"ab": "ab", "cd": "cd"}
