@@ -107,6 +107,7 @@ PYTHON_UNICODE = {(3, 5): (8, 0), (3, 6): (9, 0), (3, 7): (11, 0), (3, 8): (12, 
 OUR_UNICODE = tuple(map(int, unicodedata.unidata_version.split(".")[:2]))
 INPUT_FORMATS = ("plain", "conllu", "conll")   # --input-format; the first is the default
 FIRST, LAST = operator.itemgetter(0), operator.itemgetter(-1)      # a piece list's ends
+WINDOW_SIZE = operator.attrgetter("size")   # the sort key of windows
 NBYTES = operator.attrgetter("nbytes")   # of a memoryview: the bytes a buffer (bytes or array) holds
 PENDING, RETRY_ALONE, RETRY_SPLIT, DONE = range(4)   # a unit's state: to send, to send without context, to split, has rows
 CUT_OFF = object()   # ends the known pieces of a unit that the server cut off even when asked about it alone
@@ -674,7 +675,7 @@ class Sentence:
         self.tokens = tokens
         self.counter = counter
         self.entries = counter.entries(tokens)                # what was known of each token when the line was read
-        self.spelled = counter.spelled(self.entries)          # its expected pieces joined, if all are known
+        self.spelled = counter.spelled(self.entries)          # its expected pieces, if all known (PieceCounter.spelled)
         # The line's expected piece count: its tokens and the spaces inside them tell it, without a look at each one.
         self.size = (len(tokens) + self.spelled.count(" ") if self.spelled is not None
                      else sum(map(entry_count, self.entries)))
@@ -683,7 +684,6 @@ class Sentence:
         self.block = None                                     # the line's rows, from one window
         self.counts = None                                    # each token's piece count (None: as estimated)
         self.in_flight = self.windows = self.truncated_units = 0
-        self.seen = [0, 0]                                    # pieces, and their estimate, of the units covered so far
         self.resynced = False
 
     @property
@@ -719,6 +719,7 @@ class Sentence:
     def make_units(self):
         """Give the line one unit per token: it needs more than one window."""
         self.units = [Unit(*fields, owner) for owner, fields in enumerate(zip(self.tokens, self.basic, self.estimate))]
+        self.seen = [0, 0]   # pieces, and their estimate, of the units covered so far
 
     def split_unit(self, i):
         """Replace unit i by one unit per basic token, all owned by the same token."""
@@ -1587,7 +1588,7 @@ class ChunkReader:
         starving = idle and self.chunk == self.chunk_lines and len(self.staged_lines) >= FIRST_CHUNK_LINES
         if not (self.staged and (len(self.staged_lines) >= self.chunk or self.exhausted or starving)):
             return []
-        windows = sorted(self.staged, key=lambda w: w.size)
+        windows = sorted(self.staged, key=WINDOW_SIZE)
         self.staged, self.staged_lines, self.chunk = [], [], self.chunk_lines
         return windows
 
@@ -1669,7 +1670,7 @@ class ServerRun:
             return
         short_of_work = (sum(server.sentences for server in self.pool.servers) < self.batch_size
                          and not any(request.kind == "embed" for request in self.queue))
-        self.next_windows.sort(key=lambda w: w.size)
+        self.next_windows.sort(key=WINDOW_SIZE)
         n = len(self.next_windows) if short_of_work else len(self.next_windows) // self.batch_size * self.batch_size
         windows, self.next_windows = self.next_windows[:n], self.next_windows[n:]
         self.queue.extendleft(reversed(embed_requests(windows, self.batch_size, self.pool.padded_length)))
