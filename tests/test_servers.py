@@ -243,6 +243,9 @@ def test_a_well_formed_reply_passes():
     (lambda r, e, t: (r, e.astype(np.float64), t), "an array of dtype float64"),
     (lambda r, e, t: (r, e, [t[0], ["x"] + t[1][1:]]), "a malformed piece list for sentence 2"),
     (lambda r, e, t: (r, e, [t[0], t[1] + ["[SEP]"]]), "a malformed piece list for sentence 2"),
+    (lambda r, e, t: (r, e, [t[0], " ".join(t[1])]), "a malformed piece list for sentence 2"),
+    (lambda r, e, t: (r, e, [[], t[1]]), "a malformed piece list for sentence 1"),
+    (lambda r, e, t: (r, e, [t[0], t[1][:-1] + ["x"]]), "a malformed piece list for sentence 2"),
     (lambda r, e, t: (r, e, [t[0][:-2] + ["[SEP]"], t[1]]), "2 pieces but more rows for sentence 1"),
 ])
 def test_a_malformed_reply_is_a_run_error_naming_server_and_problem(spoil, words):
