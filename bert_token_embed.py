@@ -206,7 +206,11 @@ class LineDecoder:
         self.warned_cr = False
 
     def decode(self, block):
-        """The block's lines: decoded at once, or one by one where a "\\r" is not before a "\\n" or a line is not valid."""
+        """The block's lines: decoded at once, or one by one where a "\\r" is not before a "\\n" or a line is not valid.
+
+        Also one by one where decoding made a "\\n" or "\\r" of other bytes (UTF-7 can):
+        only the bytes b"\\n" end a line.
+        """
         if not self.number and self.utf8 and block.startswith(codecs.BOM_UTF8):
             block = block[len(codecs.BOM_UTF8):]
             self.offset += len(codecs.BOM_UTF8)
@@ -215,8 +219,9 @@ class LineDecoder:
             try:
                 text = block.decode(self.encoding, self.errors)
             except UnicodeDecodeError:
-                pass
-            else:
+                text = None
+            if (text is not None and text.count("\n") == block.count(b"\n")
+                    and text.count("\r") == block.count(b"\r")):
                 lines = (text.replace("\r\n", "\n") if crlf else text).split("\n")
                 if block.endswith(b"\n"):
                     lines.pop()   # the empty string after the last b"\n"
@@ -620,7 +625,7 @@ def spelled_piece_counts(spelled, tokens):
     """
     if not tokens:
         return np.zeros(0, dtype=np.int64)
-    chars = np.frombuffer("\t".join(spelled).encode("utf-8"), dtype=np.uint8)
+    chars = np.frombuffer("\t".join(filter(None, spelled)).encode("utf-8"), dtype=np.uint8)   # empty lines: no token
     separators = chars[(chars == 32) | (chars == 9)]
     inside = separators == 32
     return np.bincount(np.cumsum(~inside)[inside], minlength=tokens) + 1

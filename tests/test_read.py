@@ -154,3 +154,11 @@ def test_a_pipe_is_read_as_lines_come(tmp_path):
         assert next(gen) == "second"
         writer.close()
         assert list(gen) == []
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"a+AAo-b\nc\n", ["a\nb", "c"]),      # "+AAo-" is UTF-7 for "\n": inside its line, as when read line by line
+    (b"x+AA0ACg-y\r\n", ["x\r\ny"]),
+])
+def test_only_the_byte_newline_ends_a_line_whatever_the_encoding_makes(data, expected):
+    assert lines(data, encoding="utf-7") == expected
