@@ -208,8 +208,8 @@ class LineDecoder:
     def decode(self, block):
         """The block's lines: decoded at once, or one by one where a "\\r" is not before a "\\n" or a line is not valid.
 
-        Also one by one where decoding made a "\\n" or "\\r" of other bytes (UTF-7 can):
-        only the bytes b"\\n" end a line.
+        Also one by one where decoding made a "\\n" or "\\r" of other bytes (UTF-7 can;
+        UTF-8 cannot): only the bytes b"\\n" end a line.
         """
         if not self.number and self.utf8 and block.startswith(codecs.BOM_UTF8):
             block = block[len(codecs.BOM_UTF8):]
@@ -220,8 +220,8 @@ class LineDecoder:
                 text = block.decode(self.encoding, self.errors)
             except UnicodeDecodeError:
                 text = None
-            if (text is not None and text.count("\n") == block.count(b"\n")
-                    and text.count("\r") == block.count(b"\r")):
+            if text is not None and (self.utf8 or (text.count("\n") == block.count(b"\n")
+                                                   and text.count("\r") == block.count(b"\r"))):
                 lines = (text.replace("\r\n", "\n") if crlf else text).split("\n")
                 if block.endswith(b"\n"):
                     lines.pop()   # the empty string after the last b"\n"
