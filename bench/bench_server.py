@@ -11,7 +11,8 @@ Every figure below comes from one run of this script, side by side:
     python bench/bench_server.py --rounds 3      # three rounds of every run, the goals judged on the medians
     python bench/bench_server.py --memory        # and peak RSS at 40,000 vs 200,000 lines
     python bench/bench_server.py --original      # and the original loop at 4,000 and 40,000 lines
-    python bench/bench_server.py --tool OLD.py   # another version of bert_token_embed.py, to compare
+    python bench/bench_server.py --tool OLD.py   # another version of bert_token_embed.py instead
+    python bench/bench_server.py --compare OLD.py --rounds 3   # OLD.py and this one in turn, each round, side by side
 
 Runs (``--merge last``, output pickled to a real file, in a temporary directory on
 disk; ``--output-dir`` chooses another):
@@ -243,15 +244,15 @@ def corpus_of(scratch, lines, made={}):
 TOOL = os.path.join(ROOT, "bert_token_embed.py")
 
 
-def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original=False):
-    """One run of the tool (or the original loop) on a fresh stand-in: its wall, CPU, RSS and the server's stats."""
+def measure(scratch, tool, label, lines, cost_us, request_ms=0.5, hidden=768, original=False):
+    """One run of a version of the tool (or the original loop) on a fresh stand-in: its wall, CPU, RSS and the server's stats."""
     corpus, tokens = corpus_of(scratch, lines)
     out = os.path.join(scratch, "out.pkl")
     proc, port, port_out = start_server(cost_us, request_ms, hidden)
     if original:
         command = [sys.executable, __file__, "--original-loop", corpus, out, str(port), str(port_out)]
     else:
-        command = [sys.executable, TOOL, corpus, "-o", out,
+        command = [sys.executable, tool, corpus, "-o", out,
                    "--merge", "last", "--port", str(port), "--port-out", str(port_out), "-q"]
     try:
         server_cpu = cpu_of(proc.pid)
@@ -268,20 +269,20 @@ def measure(scratch, label, lines, cost_us, request_ms=0.5, hidden=768, original
                 limit=limit, requests=stats["requests"], written=written)
 
 
-def one_round(scratch, args):
-    """Every run of one round, by name, with the floors of the 1 us runs' bytes."""
-    runs = {"fixed": measure(scratch, "1 line", 1, 5.0)}
-    runs["fast"] = measure(scratch, "1 us 768-d", 40000, 1.0)
+def one_round(scratch, args, tool):
+    """Every run of one round of a version of the tool, by name, with the floors of the 1 us runs' bytes."""
+    runs = {"fixed": measure(scratch, tool, "1 line", 1, 5.0)}
+    runs["fast"] = measure(scratch, tool, "1 us 768-d", 40000, 1.0)
     runs["fast"]["floor"], runs["fast"]["floor_in"] = measure_floor(scratch, runs["fast"], 768)
-    runs["slow"] = measure(scratch, "5 us 768-d", 40000, 5.0)
-    runs["small"] = measure(scratch, "5 us 768-d", 4000, 5.0)
-    runs["narrow"] = measure(scratch, "1 us 64-d", 40000, 1.0, hidden=64)
+    runs["slow"] = measure(scratch, tool, "5 us 768-d", 40000, 5.0)
+    runs["small"] = measure(scratch, tool, "5 us 768-d", 4000, 5.0)
+    runs["narrow"] = measure(scratch, tool, "1 us 64-d", 40000, 1.0, hidden=64)
     runs["narrow"]["floor"], runs["narrow"]["floor_in"] = measure_floor(scratch, runs["narrow"], 64)
     if args.memory:
-        runs["wide"] = measure(scratch, "1 us 64-d", 200000, 1.0, hidden=64)
+        runs["wide"] = measure(scratch, tool, "1 us 64-d", 200000, 1.0, hidden=64)
     if args.original:
         for lines in (4000, 40000):
-            runs[f"original {lines}"] = measure(scratch, "original loop", lines, 5.0, original=True)
+            runs[f"original {lines}"] = measure(scratch, tool, "original loop", lines, 5.0, original=True)
     return runs
 
 
@@ -327,15 +328,35 @@ def verdict(value, goal):
     return "met" if value <= goal else "NOT met"
 
 
+def print_goals(rounds, args):
+    """Each goal's figure in every round of one version, the median, and whether the median meets the goal; return the medians."""
+    table = [figures_of(runs, args) for runs in rounds]
+    several = len(rounds) > 1
+    print(f"goals (issue 12), {len(rounds)} round{'s' * several}" + (", and their median:" if several else ":"))
+    medians = []
+    for k, (name, _, goal) in enumerate(table[0]):
+        values = [figures[k][1] for figures in table]
+        middle = statistics.median(values)
+        medians.append((name, middle))
+        each = " ".join(f"{value:>6.2f}" for value in values) if len(values) > 1 else ""
+        print(f"  {name:<40} {each}  {middle:>6.2f}   goal <= {goal:<5g} {verdict(middle, goal)}")
+    if args.original:
+        for lines, name in ((4000, "small"), (40000, "slow")):
+            ratio = statistics.median(runs[f"original {lines}"]["wall"] / runs[name]["wall"] for runs in rounds)
+            print(f"{lines} lines at 5 us: this tool is {ratio:.1f}x faster than the original loop (median)")
+    return medians
+
+
 def main():
-    global TOOL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of every run; the goals are judged on each figure's median (default: 1)")
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 40,000 vs 200,000 lines (64-d)")
     parser.add_argument("--original", action="store_true", help="also the original loop at 5 us, 4,000 and 40,000 lines")
     parser.add_argument("--output-dir", help="where corpora and outputs go (default: a temporary directory on disk)")
-    parser.add_argument("--tool", default=TOOL, help="the bert_token_embed.py to run (another version, to compare)")
+    parser.add_argument("--tool", default=TOOL, help="the bert_token_embed.py to run (another version instead)")
+    parser.add_argument("--compare", metavar="OLD", help="another bert_token_embed.py, run in turn with --tool in "
+                        "every round; both versions' figures are printed side by side")
     parser.add_argument("--original-loop", nargs=4, metavar=("CORPUS", "OUTPUT", "PORT", "PORT_OUT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--floor-sender", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -352,25 +373,25 @@ def main():
         messages, nbytes, kept, hidden, output = args.floor_receiver
         floor_receiver(int(messages), int(nbytes), int(kept), int(hidden), output)
         return
-    TOOL = os.path.abspath(args.tool)
+    tools = [os.path.abspath(path) for path in (args.compare, args.tool) if path]
+    rounds = {tool: [] for tool in tools}
     with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
-        rounds = [one_round(scratch, args) for _ in range(args.rounds)]
-    print(f"{TOOL}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
-          f"--merge last; output pickled to a file on disk")
-    for number, runs in enumerate(rounds, 1):
-        print_round(number, runs)
-    table = [figures_of(runs, args) for runs in rounds]
-    several = len(rounds) > 1
-    print(f"goals (issue 12), {len(rounds)} round{'s' * several}" + (", and their median:" if several else ":"))
-    for k, (name, _, goal) in enumerate(table[0]):
-        values = [figures[k][1] for figures in table]
-        middle = statistics.median(values)
-        each = " ".join(f"{value:>6.2f}" for value in values) if len(values) > 1 else ""
-        print(f"  {name:<40} {each}  {middle:>6.2f}   goal <= {goal:<5g} {verdict(middle, goal)}")
-    if args.original:
-        for lines, name in ((4000, "small"), (40000, "slow")):
-            ratio = statistics.median(runs[f"original {lines}"]["wall"] / runs[name]["wall"] for runs in rounds)
-            print(f"{lines} lines at 5 us: this tool is {ratio:.1f}x faster than the original loop (median)")
+        for _ in range(args.rounds):
+            for tool in tools:   # in turn, so that both see the machine as it is in that round
+                rounds[tool].append(one_round(scratch, args, tool))
+    medians = {}
+    for tool in tools:
+        print(f"{tool}: simulated GPU: us per padded position + 0.5 ms per request; server -max_seq_len NONE; "
+              f"--merge last; output pickled to a file on disk")
+        for number, runs in enumerate(rounds[tool], 1):
+            print_round(number, runs)
+        medians[tool] = print_goals(rounds[tool], args)
+    if args.compare:
+        old, new = tools
+        print(f"side by side, the medians: {old} (old) and {new} (new)")
+        for (name, before), (_, after) in zip(medians[old], medians[new]):
+            print(f"  {name:<40} {before:>6.2f} {after:>6.2f}   new / old {after / before:.2f}")
+
 
 if __name__ == "__main__":
     main()
