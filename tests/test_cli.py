@@ -403,12 +403,19 @@ def test_quiet_silences_everything(srv, run_cli, tmp_path, expect):
 
 
 def test_help_exits_0(run_cli_process):
-    """In a fresh process: argparse's exit through ``sys.exit(main())`` at the script's end."""
+    """In a fresh process: argparse's exit, raised through ``command_line`` at the script's end."""
     rc, out, err = run_cli_process(["--help"])
     assert rc == 0 and err == ""
     for option in ("--merge", "--server", "--ip", "--port", "--port-out", "--batch-size", "--timeout", "-q",
                    "--input-format conllu", "--stack-layers", "--model minilm", "-o ud.hdf5"):
         assert option in out
+
+
+def test_a_fresh_process_ends_with_the_status_main_returns_and_its_message_whole(run_cli_process, tmp_path):
+    """``command_line`` ends the process at once (no teardown), after the streams are flushed: nothing is lost."""
+    rc, out, err = run_cli_process([tmp_path / "missing.txt", "-o", tmp_path / "out.pkl"])
+    assert (rc, out) == (2, "") and err.endswith("\n") and err.count("\n") == 1 and "missing.txt" in err
+    assert not (tmp_path / "out.pkl").exists()
 
 
 def test_version_exits_0(run_cli):
