@@ -1224,15 +1224,29 @@ class Server:
         self.replies = 0
         self.config = None
 
+    def send_message(self, message, sentences):
+        """Send one message as the client's own four frames (identity, message, request id, sentence count); return its request id."""
+        client = self.client
+        client.request_id += 1
+        client.sender.send_multipart([client.identity, message, b"%d" % client.request_id, b"%d" % sentences])
+        return client.request_id
+
     def ask_config(self):
-        """The server's configuration (SHOW_CONFIG), or a UsageError when it does not answer in time."""
-        try:
-            self.config = self.client.server_config
-        except TimeoutError:
+        """Ask for the server's configuration (SHOW_CONFIG) as the client's ``server_config`` does, without waiting for it: see ``take_config``."""
+        self.send_message(b"SHOW_CONFIG", 0)
+
+    def take_config(self, deadline):
+        """Read the configuration the server sent, waiting until ``deadline`` (time.monotonic()); a UsageError if none came by then."""
+        receiver = self.client.receiver
+        if not receiver.poll(max(0.0, deadline - time.monotonic()) * 1000):
             self.close()
             raise no_server(self.name, self.port, self.port_out,
-                            f"none answered within {self.client.timeout / 1000:g} s") from None
-        return self.config
+                            f"none answered within {self.client.timeout / 1000:g} s")
+        try:
+            self.config = json.loads(receiver.recv_multipart()[1])
+        except (IndexError, ValueError) as err:
+            raise UsageError(f"server {self.name} sent a configuration this tool cannot read ({err}); "
+                             f"is it a bert-serving-server 1.10?") from None
 
     def send(self, request):
         """Send a request without waiting for its reply: the four frames of the client's encode, without its checks.
@@ -1242,11 +1256,7 @@ class Server:
         """
         if not self.in_flight:
             self.last_heard = time.monotonic()
-        client = self.client
-        client.request_id += 1
-        client.sender.send_multipart([client.identity, json.dumps(request.texts).encode(),
-                                      b"%d" % client.request_id, b"%d" % len(request.texts)])
-        self.in_flight[client.request_id] = request
+        self.in_flight[self.send_message(json.dumps(request.texts).encode(), len(request.texts))] = request
 
     @property
     def sentences(self):
@@ -1327,15 +1337,18 @@ class ServerPool(Backend):
         self.hidden = None
         try:
             from bert_serving.client import __version__ as client_version
-            settings = set()
             for host, port, port_out in addresses:
                 if say:
                     say(f"connecting to bert-serving-server {host}:{port}:{port_out} "
                         f"(waiting at most {min(timeout, CONFIG_TIMEOUT):g} s for its answer)")
-                server = Server(host, port, port_out, timeout)
-                self.servers.append(server)
-                server.ask_config()
-                settings.add(server_settings(server, client_version))
+                self.servers.append(Server(host, port, port_out, timeout))
+                self.servers[-1].ask_config()
+            # All asked at once: each server delays its answer (by 0.1 s), and one that is not there
+            # answers only with the timeout.
+            deadline = time.monotonic() + min(timeout, CONFIG_TIMEOUT)
+            for server in self.servers:
+                server.take_config(deadline)
+            settings = {server_settings(server, client_version) for server in self.servers}
             if len(settings) > 1:
                 raise UsageError("the servers differ in do_lower_case or max_seq_len; "
                                  "start them all with the same model and flags")

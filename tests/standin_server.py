@@ -450,6 +450,7 @@ class StandinServer:
                            computed_positions=0, busy_seconds=0.0, replies=0, config_requests=0,
                            idle_seconds=0.0)   # simulate_gpu: the device without work, from its first request on
         self._statistic = RequestStatistic()
+        self.config_replies: list[tuple[float, float]] = []   # (asked, answered) perf_counter times of each config reply
         self._shutdown = threading.Event()
         self._dead_parts: set[str] = set()
         self._jobs: queue.Queue = queue.Queue()
@@ -636,7 +637,7 @@ class StandinServer:
             raise ServerDeath("ventilator", f"non-ASCII identity {identity!r} in {msg.decode()}")
         with self._lock:
             self._stats["config_requests"] += 1
-        self._outbox.put(("config", [identity, json.dumps(config).encode(), req_id], 0.0))
+        self._outbox.put(("config", [identity, json.dumps(config).encode(), req_id], time.perf_counter()))
 
     def _worker_loop(self) -> None:
         """Serve encode jobs one at a time in arrival order (a single worker)."""
@@ -660,9 +661,11 @@ class StandinServer:
                 kind, frames, ready_at = self._outbox.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if kind == "config":
+            if kind == "config":   # ready_at: when its request came
                 time.sleep(CONFIG_REPLY_DELAY_S)
                 pub.send_multipart(frames)
+                with self._lock:
+                    self.config_replies.append((ready_at, time.perf_counter()))
                 continue
             if b"#" in frames[0] or b"@" in frames[0]:
                 raise ServerDeath("sink", f"identity {frames[0]!r} breaks the job-id split")

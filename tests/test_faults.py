@@ -119,6 +119,31 @@ def test_a_server_with_a_max_seq_len_over_512_is_refused(tmp_path, uncased_serve
     assert listing(tmp_path) == {}
 
 
+def test_a_configuration_that_is_not_json_is_refused_in_one_line(tmp_path, run_cli):
+    """A server on the ports that answers SHOW_CONFIG with something else than bert-serving-server's JSON."""
+    import threading
+    import zmq
+    context = zmq.Context()
+    pull, pub = context.socket(zmq.PULL), context.socket(zmq.PUB)
+    port, port_out = pull.bind_to_random_port("tcp://127.0.0.1"), pub.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer():
+        identity, _, request_id, _ = pull.recv_multipart()
+        time.sleep(0.1)   # the real sink's wait for the client's subscription
+        pub.send_multipart([identity, b"<html>", request_id])
+    answering = threading.Thread(target=answer, daemon=True)
+    answering.start()
+    try:
+        status, _, err = run_cli([REPO / "input.txt", "-o", tmp_path / "out.pkl",
+                                  "--server", f"127.0.0.1:{port}:{port_out}", "-q"])
+    finally:
+        answering.join(5)
+        context.destroy(linger=0)
+    assert status == 2 and one_line(err).startswith(f"bert_token_embed: error: server 127.0.0.1:{port}:{port_out} "
+                                                    "sent a configuration this tool cannot read (")
+    assert listing(tmp_path) == {}
+
+
 # ---------------------------------------------------------------- signals
 
 def start_and_signal(source, out, srv, signum, **popen):

@@ -106,6 +106,14 @@ def test_three_servers_and_npy(fast, slow, text, single, run_cli, tmp_path, unca
 
 
 
+def test_every_server_is_asked_for_its_configuration_at_once(uncased_server):
+    """Each answers 0.1 s after it is asked, as bert-serving-server does: all three are asked before the first answers."""
+    with uncased_server(max_seq_len=25) as a, uncased_server(max_seq_len=25) as b, uncased_server(max_seq_len=25) as c:
+        ServerPool([("127.0.0.1", s.port, s.port_out) for s in (a, b, c)], 30.0, 4).close()
+        [(asked_a, answered_a)], [(asked_b, answered_b)], [(asked_c, answered_c)] = (s.config_replies for s in (a, b, c))
+    assert max(asked_a, asked_b, asked_c) < min(answered_a, answered_b, answered_c)
+
+
 def test_ip_port_port_out(fast, run_cli, tmp_path):
     (tmp_path / "in.txt").write_text("Hello World !\nI'm hankcs\n")
     rc, _, err = run_cli([tmp_path / "in.txt", "-o", tmp_path / "out.pkl", "--ip", "127.0.0.1",
