@@ -106,8 +106,9 @@ def test_server_status_counts_as_the_real_server(srv):
     client is active only after a data request, every request counts for its client.
     """
     with StandinServer(max_seq_len=None) as fresh, client(fresh) as watcher, client(fresh) as worker:
-        for batch in (["a"], ["a", "b"], ["c", "d"]):
-            worker.encode(batch)
+        with pytest.warns(UserWarning, match='does not put a restriction on "max_seq_len"'):   # the client, each time
+            for batch in (["a"], ["a", "b"], ["c", "d"]):
+                worker.encode(batch)
         statistic = watcher.server_status["statistic"]
     assert set(statistic) == REAL_STATISTIC_KEYS
     assert (statistic["num_data_request"], statistic["num_total_seq"], statistic["num_active_client"]) == (3, 5, 1)
