@@ -7,12 +7,13 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from bert_token_embed import MERGES, __version__
-from conftest import REPO, free_port_pair, load_pickle, merge_reference
+from conftest import REPO, SCRIPT, free_port_pair, load_pickle, merge_reference
 
 HELLO = "Hello World !\nI'm hankcs\n"
 
@@ -416,6 +417,17 @@ def test_a_fresh_process_ends_with_the_status_main_returns_and_its_message_whole
     rc, out, err = run_cli_process([tmp_path / "missing.txt", "-o", tmp_path / "out.pkl"])
     assert (rc, out) == (2, "") and err.endswith("\n") and err.count("\n") == 1 and "missing.txt" in err
     assert not (tmp_path / "out.pkl").exists()
+
+
+def test_a_fresh_process_without_stdout_or_under_a_profiler_still_ends_as_main_says(tmp_path):
+    """stdout closed (sys.stdout is None), and cProfile, whose report is printed at its own end, after the run's."""
+    missing = [str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out.pkl")]
+    closed = subprocess.run([sys.executable, str(SCRIPT), *missing], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, cwd=REPO, text=True, preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 2 and closed.stderr.count("\n") == 1, closed.stderr
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", str(SCRIPT), *missing], capture_output=True,
+                              stdin=subprocess.DEVNULL, cwd=REPO, text=True)
+    assert "missing.txt not found" in profiled.stderr and "function calls" in profiled.stdout   # cProfile exits 0
 
 
 def test_version_exits_0(run_cli):

@@ -119,8 +119,9 @@ def test_a_server_with_a_max_seq_len_over_512_is_refused(tmp_path, uncased_serve
     assert listing(tmp_path) == {}
 
 
-def test_a_configuration_that_is_not_json_is_refused_in_one_line(tmp_path, run_cli):
-    """A server on the ports that answers SHOW_CONFIG with something else than bert-serving-server's JSON."""
+@pytest.mark.parametrize("config", [b"<html>", b"[1]", b"null"])
+def test_a_configuration_that_is_not_a_json_object_is_refused_in_one_line(tmp_path, run_cli, config):
+    """A server on the ports that answers SHOW_CONFIG with something else than bert-serving-server's JSON object."""
     import threading
     import zmq
     context = zmq.Context()
@@ -130,7 +131,7 @@ def test_a_configuration_that_is_not_json_is_refused_in_one_line(tmp_path, run_c
     def answer():
         identity, _, request_id, _ = pull.recv_multipart()
         time.sleep(0.1)   # the real sink's wait for the client's subscription
-        pub.send_multipart([identity, b"<html>", request_id])
+        pub.send_multipart([identity, config, request_id])
     answering = threading.Thread(target=answer, daemon=True)
     answering.start()
     try:
