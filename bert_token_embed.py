@@ -626,9 +626,9 @@ def spelled_piece_counts(spelled, tokens):
     if not tokens:
         return np.zeros(0, dtype=np.int64)
     chars = np.frombuffer("\t".join(filter(None, spelled)).encode("utf-8"), dtype=np.uint8)   # empty lines: no token
-    separators = chars[(chars == 32) | (chars == 9)]
-    inside = separators == 32
-    return np.bincount(np.cumsum(~inside)[inside], minlength=tokens) + 1
+    separators = chars[(chars == 32) | (chars == 9)]   # one after each piece but the last
+    ends = np.concatenate(([-1], np.flatnonzero(separators == 9), [len(separators)]))   # a tab: a token's last piece
+    return ends[1:] - ends[:-1]
 
 
 # ---------------------------------------------------------------- windows for long sentences
@@ -921,25 +921,25 @@ MERGE_FUNCTIONS = {"mean": merge_mean, "last": merge_last, "first": merge_first,
 MERGES = tuple(MERGE_FUNCTIONS)
 
 
-def merge_segments(rows, counts, how, index=None):
+def merge_segments(rows, counts, how, shifts=None):
     """One float32 numpy row per segment of consecutive rows (segment k has ``counts[k]`` rows), merged by MERGE_FUNCTIONS[how]; an empty segment gives a zero row.
 
-    The rows are ``rows[index]`` (``rows`` itself without an index), read straight from
-    ``rows`` without a copy of the whole. ``rows`` is a float32 numpy array, or a torch
-    tensor: then the merge runs on its device, and only the merged rows come back.
+    The segments follow one another from row 0 of ``rows``, or segment k starts
+    ``shifts[k]`` rows later than that (``line_shifts``: lines of a reply, each after its
+    [CLS] and the padding before it). The rows are read where they are, without a copy
+    of the whole. ``rows`` is a float32 numpy array, or a torch tensor: then the merge
+    runs on its device, and only the merged rows come back.
     """
-    def at(positions):
-        """The rows at these positions of the segments."""
-        return rows[positions if index is None else index[positions]]
-
     counts = np.asarray(counts, dtype=np.int64)
     filled = np.flatnonzero(counts)
-    starts, sizes = (np.cumsum(counts) - counts)[filled], counts[filled]
+    starts = np.cumsum(counts) - counts
+    if shifts is not None:
+        starts += shifts
+    starts, sizes = starts[filled], counts[filled]
     if not isinstance(rows, np.ndarray):   # a tensor: the segments go to its device
         import torch
         starts, sizes = torch.as_tensor(starts, device=rows.device), torch.as_tensor(sizes, device=rows.device)
-        index = None if index is None else torch.as_tensor(index, device=rows.device)
-    merged = MERGE_FUNCTIONS[how](at, starts, sizes)
+    merged = MERGE_FUNCTIONS[how](rows.__getitem__, starts, sizes)
     if not isinstance(merged, np.ndarray):
         merged = merged.cpu().numpy()
     if len(filled) == len(counts):
@@ -949,6 +949,16 @@ def merge_segments(rows, counts, how, index=None):
     return out
 
 
+def line_shifts(firsts, sizes, tokens):
+    """The shifts (for ``merge_segments``) of the tokens of lines whose pieces start at rows ``firsts``: line k has ``sizes[k]`` pieces and ``tokens[k]`` tokens.
+
+    One repeat for all lines: line k's tokens all start as many rows later than the
+    pieces of the lines before it, one after another, would end.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return np.repeat(np.asarray(firsts, dtype=np.int64) - (np.cumsum(sizes) - sizes), tokens)
+
+
 def token_rows(sentence, how, hidden):
     """A finished line's rows, one per token: its block, or each token's pieces over all its units, merged."""
     if sentence.block is not None:
@@ -956,16 +966,6 @@ def token_rows(sentence, how, hidden):
     if not sentence.tokens:
         return np.zeros((0, hidden), dtype=np.float32)
     return merge_segments(np.concatenate([u.rows for u in sentence.units]), sentence.token_counts(), how)
-
-
-def runs_index(starts, sizes):
-    """The positions of runs of consecutive rows, one run after another: starts[k] .. starts[k] + sizes[k] - 1 for each k.
-
-    Built for all runs at once (one arange and one repeat), not one arange per run.
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    return np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64)
-                                                                   - (np.cumsum(sizes) - sizes), sizes)
 
 
 def merge_parts(parts, how):
@@ -996,8 +996,8 @@ def merge_whole_lines(source, sentences, starts, sizes, token_counts, how, count
     array; ``token_counts`` are the piece counts of all the lines' tokens, one after
     another. Each line keeps its ``counts[k]`` (a list), or without ``counts`` its estimate.
     """
-    index = runs_index(starts, sizes)
-    merged = merge_segments(source, token_counts, how, index)
+    shifts = line_shifts(starts, sizes, [len(sentence.tokens) for sentence in sentences])
+    merged = merge_segments(source, token_counts, how, shifts)
     end = 0
     for sentence, line_counts in zip(sentences, counts or itertools.repeat(None)):
         start, end = end, end + len(sentence.tokens)
@@ -1173,15 +1173,21 @@ def refuses_connections(host, port):
     return False
 
 
-def sendable(tokens):
-    """The tokens as they are sent to a server: a space inside a token becomes a tab, an empty token NUL.
+def sendable(text):
+    """A text as it is sent to a server: a space in it (inside a token) becomes a tab, and an empty text NUL.
 
     BERT splits at either and deletes NUL, so the pieces are the same, but a text holding
     " ||| " would be read as a sentence pair, and an empty text is skipped by the server.
+    A text is a window's units joined by SEPARATOR, or one unit asked about alone.
     """
-    if all(tokens) and " " not in "".join(tokens):
-        return tokens
-    return [token.replace(" ", "\t") if token else "\0" for token in tokens]
+    if " " in text:
+        return text.replace(" ", "\t")
+    return text or "\0"
+
+
+def request_message(texts):
+    """The message of an encode request for these texts: each made ``sendable``, the list as JSON."""
+    return json.dumps(list(map(sendable, texts))).encode()
 
 
 def keep_freed_memory():
@@ -1258,7 +1264,7 @@ class Server:
         """
         if not self.in_flight:
             self.last_heard = time.monotonic()
-        self.in_flight[self.send_message(json.dumps(request.texts).encode(), len(request.texts))] = request
+        self.in_flight[self.send_message(request_message(request.texts), len(request.texts))] = request
 
     @property
     def sentences(self):
@@ -1579,7 +1585,7 @@ class PieceQuestions:
 
 def embed_via_servers(sentences, pool, how, batch_size, chunk_lines, stats):
     """Yield one (tokens, hidden) array per sentence (a list of tokens), in order, keeping every server's queue full."""
-    return iter(ServerRun(map(sendable, sentences), pool, how, batch_size, chunk_lines, stats))
+    return iter(ServerRun(sentences, pool, how, batch_size, chunk_lines, stats))
 
 
 class ChunkReader:
@@ -2037,9 +2043,10 @@ def merge_batch(states, batch, head, counts, how, merged, pieces):
     whole = [(i, w) for i, w in enumerate(batch) if w.whole]
     if whole:
         width = states.shape[1]
-        index = runs_index([i * width + head for i, _ in whole], [len(w.ids) for _, w in whole])
+        shifts = line_shifts([i * width + head for i, _ in whole], [len(w.ids) for _, w in whole],
+                             [len(counts[w.line]) for _, w in whole])
         rows = merge_segments(states.reshape(-1, states.shape[2]), np.concatenate([counts[w.line] for _, w in whole]),
-                              how, index)
+                              how, shifts)
         offset = 0
         for _, w in whole:
             merged[w.line] = rows[offset:offset + len(counts[w.line])]

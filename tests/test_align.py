@@ -131,12 +131,11 @@ def test_literal_special_tokens_are_text(tokenizers, lowercase):
 @pytest.mark.parametrize("tokens", [["a", "|||", "b"], ["a ||| b", "c"], ["x", "", "|||"]])
 def test_what_the_tool_sends_for_pipe_tokens_is_one_sentence_not_a_pair(tokenizers, tokens):
     """A server reads "A ||| B" as a sentence pair (the stand-in's test_sentence_pair_and_tab_separated_bars);
-    the tool's text (sendable's tokens joined by SEPARATOR) never makes one, even for a token holding spaces."""
+    the tool's text (the tokens joined by SEPARATOR, made sendable) never makes one, even for a token holding spaces."""
     srv = tokenizers[(UNCASED, None)]
-    sent = sendable(tokens)
-    pieces = srv.tokenize(SEPARATOR.join(sent))
+    pieces = srv.tokenize(sendable(SEPARATOR.join(tokens)))
     assert pieces.count("[SEP]") == 1 and pieces.count("|") == 3 * sum(t.count("|||") for t in tokens)
-    assert align([basic_tokens(t, True) for t in sent], pieces[1:-1]) == own_counts(srv, sent)
+    assert align([basic_tokens(t, True) for t in tokens], pieces[1:-1]) == own_counts(srv, map(sendable, tokens))
 
 
 # ---------------------------------------------------------------- align: mismatch and truncation

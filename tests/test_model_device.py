@@ -17,9 +17,9 @@ def test_a_tensor_is_merged_on_its_device_to_the_rows_numpy_gives(how):
     rng = np.random.default_rng(7)
     rows = rng.normal(size=(40, 6)).astype(np.float32)
     counts = [1, 0, 3, 2, 0, 5, 1, 1, 9, 0]          # 22 pieces, some tokens without any
-    index = rng.permutation(40)[:22]
-    on_host = tool.merge_segments(rows, counts, how, index)
-    on_device = tool.merge_segments(torch.from_numpy(rows), counts, how, index)
+    shifts = tool.line_shifts([1, 14, 28], [6, 7, 9], [4, 4, 2])   # three lines, from rows 1, 14 and 28
+    on_host = tool.merge_segments(rows, counts, how, shifts)
+    on_device = tool.merge_segments(torch.from_numpy(rows), counts, how, shifts)
     assert type(on_device) is np.ndarray and on_device.dtype == np.float32 and on_device.shape == (10, 6)
     np.testing.assert_allclose(on_device, on_host, rtol=1e-6, atol=1e-7)
     assert not on_device[[1, 4, 9]].any()           # a token with no piece: a zero row
