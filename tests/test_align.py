@@ -5,11 +5,14 @@ normalizer, pre-tokenizer and WordPiece over the real BERT vocabulary), so every
 here is a case a server really produces.
 """
 
+import json
+
 import numpy as np
 import pytest
 
 from bert_token_embed import (DONE, MERGES, SEPARATOR, PieceCounter, Sentence, Unit, align, basic_tokens,
-                              counts_from_known_pieces, merge_segments, sendable, token_rows)
+                              counts_from_known_pieces, merge_segments, request_message, sendable,
+                              token_rows)
 from conftest import merge_reference
 
 UNCASED, CASED = True, False
@@ -136,6 +139,10 @@ def test_what_the_tool_sends_for_pipe_tokens_is_one_sentence_not_a_pair(tokenize
     pieces = srv.tokenize(sendable(SEPARATOR.join(tokens)))
     assert pieces.count("[SEP]") == 1 and pieces.count("|") == 3 * sum(t.count("|||") for t in tokens)
     assert align([basic_tokens(t, True) for t in tokens], pieces[1:-1]) == own_counts(srv, map(sendable, tokens))
+
+
+def test_a_request_sends_tabs_for_spaces_and_nul_for_an_empty_text():
+    assert json.loads(request_message(["New York\tcity", "", "a\tb", "\t"])) == ["New\tYork\tcity", "\0", "a\tb", "\t"]
 
 
 # ---------------------------------------------------------------- align: mismatch and truncation
