@@ -1207,14 +1207,21 @@ def keep_freed_memory():
     mallopt(M_TRIM_THRESHOLD, 512 << 20)  # free memory kept at a heap's top before it is given back
 
 
+def bert_serving_client():
+    """The bert-serving-client package's BertClient and the zmq it runs on; a UsageError saying what to install if either is missing."""
+    try:
+        import zmq
+        from bert_serving.client import BertClient
+    except ImportError:
+        raise UsageError("the bert-serving-client package is missing: pip install -r requirements.txt") from None
+    return zmq, BertClient
+
+
 class Server:
     """One bert-serving-server: its client, its requests in flight and when it last answered."""
 
     def __init__(self, host, port, port_out, timeout):
-        try:
-            from bert_serving.client import BertClient
-        except ImportError:
-            raise UsageError("the bert-serving-client package is missing: pip install -r requirements.txt") from None
+        _, BertClient = bert_serving_client()
         self.name = f"{host}:{port}:{port_out}"
         self.port, self.port_out = port, port_out
         if refuses_connections(host, port):
@@ -1335,7 +1342,7 @@ class ServerPool(Backend):
     """Several bert-serving-servers used as one: each batch goes to the least busy; lost batches are sent again."""
 
     def __init__(self, addresses, timeout, capacity, say=None):
-        import zmq
+        zmq, _ = bert_serving_client()
         keep_freed_memory()
         self.timeout = timeout
         self.capacity = capacity   # sentences that may wait at each server

@@ -139,3 +139,15 @@ def test_the_module_imports_where_sys_argv_is_empty():
     code = "import sys; sys.argv = []; import bert_token_embed; print(bert_token_embed.COMMAND_LINE)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("module", ["zmq", "bert_serving"])
+def test_server_mode_without_the_client_package_says_what_to_install(tmp_path, module):
+    (tmp_path / "in.txt").write_text("hello world\n", encoding="utf-8")
+    (tmp_path / "o.pkl").write_bytes(b"kept")
+    code = (f"import runpy, sys; sys.modules[{module!r}] = None; sys.argv = ['bert_token_embed.py'] + sys.argv[1:]; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    status, err, _ = run([tmp_path / "in.txt", "-o", tmp_path / "o.pkl", "--port", free_port_pair()], code=code)
+    assert (status, err) == (2, PREFIX + "the bert-serving-client package is missing: pip install -r requirements.txt\n")
+    assert (tmp_path / "o.pkl").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "o.pkl"]
