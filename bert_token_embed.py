@@ -618,14 +618,15 @@ def entry_count(entry):
     return entry if entry.__class__ is int else entry.count(" ") + 1
 
 
-def spelled_piece_counts(spelled, tokens):
-    """Each token's piece count, in order, for lines spelled as ``PieceCounter.spelled`` spells them, of ``tokens`` tokens in all.
+def spelled_piece_counts(spelled):
+    """Each token's piece count, in order, for lines spelled as ``PieceCounter.spelled`` spells them.
 
     Read from the lines' bytes at once: a space is inside a token, a tab ends one.
     """
-    if not tokens:
+    text = "\t".join(filter(None, spelled))   # empty lines: no token
+    if not text:
         return np.zeros(0, dtype=np.int64)
-    chars = np.frombuffer("\t".join(filter(None, spelled)).encode("utf-8"), dtype=np.uint8)   # empty lines: no token
+    chars = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     separators = chars[(chars == 32) | (chars == 9)]   # one after each piece but the last
     ends = np.concatenate(([-1], np.flatnonzero(separators == 9), [len(separators)]))   # a tab: a token's last piece
     return ends[1:] - ends[:-1]
@@ -1208,20 +1209,20 @@ def keep_freed_memory():
 
 
 def bert_serving_client():
-    """The bert-serving-client package's BertClient and the zmq it runs on; a UsageError saying what to install if either is missing."""
+    """The bert-serving-client package's module and the zmq it runs on; a UsageError saying what to install if either is missing."""
     try:
         import zmq
-        from bert_serving.client import BertClient
+        import bert_serving.client
     except ImportError:
         raise UsageError("the bert-serving-client package is missing: pip install -r requirements.txt") from None
-    return zmq, BertClient
+    return zmq, bert_serving.client
 
 
 class Server:
     """One bert-serving-server: its client, its requests in flight and when it last answered."""
 
     def __init__(self, host, port, port_out, timeout):
-        _, BertClient = bert_serving_client()
+        BertClient = bert_serving_client()[1].BertClient
         self.name = f"{host}:{port}:{port_out}"
         self.port, self.port_out = port, port_out
         if refuses_connections(host, port):
@@ -1342,7 +1343,7 @@ class ServerPool(Backend):
     """Several bert-serving-servers used as one: each batch goes to the least busy; lost batches are sent again."""
 
     def __init__(self, addresses, timeout, capacity, say=None):
-        zmq, _ = bert_serving_client()
+        zmq, client = bert_serving_client()
         keep_freed_memory()
         self.timeout = timeout
         self.capacity = capacity   # sentences that may wait at each server
@@ -1351,7 +1352,6 @@ class ServerPool(Backend):
         self.orphans = collections.deque()
         self.hidden = None
         try:
-            from bert_serving.client import __version__ as client_version
             for host, port, port_out in addresses:
                 if say:
                     say(f"connecting to bert-serving-server {host}:{port}:{port_out} "
@@ -1363,7 +1363,7 @@ class ServerPool(Backend):
             deadline = time.monotonic() + min(timeout, CONFIG_TIMEOUT)
             for server in self.servers:
                 server.take_config(deadline)
-            settings = {server_settings(server, client_version) for server in self.servers}
+            settings = {server_settings(server, client.__version__) for server in self.servers}
             if len(settings) > 1:
                 raise UsageError("the servers differ in do_lower_case or max_seq_len; "
                                  "start them all with the same model and flags")
@@ -1771,7 +1771,7 @@ class ServerRun:
             others.append(i)
         if spelled:
             sentences, starts, sizes = zip(*spelled)
-            token_counts = spelled_piece_counts([s.spelled for s in sentences], sum(len(s.tokens) for s in sentences))
+            token_counts = spelled_piece_counts([s.spelled for s in sentences])
             merge_whole_lines(rows, sentences, starts, sizes, token_counts, self.how)
         return others
 

@@ -142,9 +142,9 @@ def test_a_lines_spelled_pieces_tell_its_size_and_each_tokens_count():
     line, empty, other = Sentence(1, units, counter), Sentence(2, [], counter), Sentence(3, ["is", "is"], counter)
     assert line.spelled == "hank ##cs\te - mail\tis\tnaive" and line.size == 7 and line.estimate == [2, 3, 1, 1]
     assert empty.spelled == "" and empty.size == 0
-    assert list(spelled_piece_counts([line.spelled, empty.spelled, other.spelled], 6)) == [2, 3, 1, 1, 1, 1]
-    assert list(spelled_piece_counts([other.spelled, empty.spelled, line.spelled], 6)) == [1, 1, 2, 3, 1, 1]
-    assert list(spelled_piece_counts([], 0)) == []
+    assert list(spelled_piece_counts([line.spelled, empty.spelled, other.spelled])) == [2, 3, 1, 1, 1, 1]
+    assert list(spelled_piece_counts([other.spelled, empty.spelled, line.spelled])) == [1, 1, 2, 3, 1, 1]
+    assert list(spelled_piece_counts([])) == []
     counter.learn(["is"], [4], [1])   # a count without pieces: no spelled line, the size from the counts
     assert Sentence(4, ["is", "naïve"], counter).spelled is None and Sentence(4, ["is", "naïve"], counter).size == 5
 
