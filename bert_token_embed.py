@@ -1650,6 +1650,8 @@ class ServerRun:
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
         pool, reader = self.pool, self.reader
         while True:
+            if not pool.servers:   # closed under a run that was still iterating (a lost last server raises in drop)
+                raise UsageError("the connections to the servers were closed before every line had its rows")
             if pool.orphans:
                 self.stats.resent += len(pool.orphans)
                 self.queue.extendleft(reversed(pool.orphans))
@@ -2167,6 +2169,7 @@ class TokenEmbedder:
         self.merge, self.batch_size = merge, batch_size
         self.backend = open_backend(model, servers, batch_size, settings, say)
         self.hidden = self.backend.hidden
+        self.closed = False
 
     def arrays(self, sentences, stats):
         """Yield one array per sentence (a list of tokens), counting in ``stats``: what ``embed_iter`` and the command line run.
@@ -2180,6 +2183,8 @@ class TokenEmbedder:
         """Yield one array per text (a string, or a list of pre-split tokens), in order; texts are read as needed."""
         if isinstance(texts, str):   # it would be read as one text per character
             raise UsageError("texts is one string; give a list of texts, e.g. [text]")
+        if self.closed:
+            raise UsageError("this TokenEmbedder is closed; make a new one")
         return self.arrays(map(text_tokens, texts), Stats())
 
     def embed(self, texts):
@@ -2187,7 +2192,8 @@ class TokenEmbedder:
         return list(self.embed_iter(texts))
 
     def close(self):
-        """Release the servers' connections (a model is freed with the object)."""
+        """Release the servers' connections (a model is freed with the object); embedding after this is refused."""
+        self.closed = True
         self.backend.close()
 
     def __enter__(self):

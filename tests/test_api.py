@@ -88,6 +88,19 @@ def test_the_api_and_the_command_line_write_the_same_rows(srv, tmp_path, run_cli
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_closed_embedder_refuses_to_embed_rather_than_wait_for_ever(srv):
+    embedder = tool.TokenEmbedder(servers=[address(srv)])
+    assert embedder.embed(["a b c"])[0].shape == (3, 16)
+    unfinished = embedder.embed_iter(["a b", "c"] * 1000)
+    assert next(unfinished).shape == (2, 16)
+    embedder.close()
+    embedder.close()   # twice is fine
+    with pytest.raises(tool.UsageError, match="^this TokenEmbedder is closed; make a new one$"):
+        embedder.embed(["x"])
+    with pytest.raises(tool.UsageError, match="connections to the servers were closed"):
+        list(unfinished)
+
+
 def test_no_server_raises_a_usage_error_naming_it_and_the_way_without_one():
     port = free_port_pair()
     with pytest.raises(tool.UsageError) as caught:
