@@ -846,9 +846,12 @@ class Sentence:
 def word_windows(word_ids, limit):
     """Split a sentence's pieces into windows of at most ``limit``: (start, keep_from, keep_to) piece offsets.
 
-    Each piece is kept from exactly one window. Windows end at a word boundary where a
-    whole word fits, and after the first they begin with up to CONTEXT_SHARE of a window's pieces of
-    whole words of left context, as in server mode.
+    Each piece is kept from exactly one window. The kept pieces end at a word boundary
+    where a whole word fits, and after the first window they follow up to CONTEXT_SHARE of
+    a window's pieces of whole words of left context, as in server mode. The model sees a
+    window's pieces on to ``start + limit`` (``embed_locally``): the pieces after
+    ``keep_to``, part of a word maybe, are right context, as they are where a server
+    fills a window to its length and cuts it there.
     """
     n = len(word_ids)
     bounds = [p for p in range(n) if p == 0 or word_ids[p] != word_ids[p - 1]] + [n]   # where words start
