@@ -34,7 +34,8 @@ def stop_while_starting(number, frame):
     sys.exit(128 + number)
 
 
-COMMAND_LINE = __name__ == "__main__" or os.path.basename((getattr(sys, "argv", None) or [""])[0]) == "bert-token-embed"
+INSTALLED_COMMAND = os.path.basename((getattr(sys, "argv", None) or [""])[0]) == "bert-token-embed"   # pip's script
+COMMAND_LINE = __name__ == "__main__" or INSTALLED_COMMAND
 if COMMAND_LINE:
     signal.signal(signal.SIGINT, stop_while_starting)
     # This file multiplies no matrices with numpy, so its OpenBLAS would start a thread per core only for them to
@@ -153,14 +154,23 @@ class InputChanged(Exception):
     """The input's first lines are not those a --resume partial output was made from."""
 
 
+def say_on_stderr(line):
+    """Print one line on stderr; above the progress bar where one is shown, which tqdm then draws again below it."""
+    tqdm = sys.modules.get("tqdm")   # loaded only for a progress bar
+    if tqdm is not None:
+        tqdm.tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
 def warn(message):
     """Print a warning: one line on stderr; the run goes on."""
-    print(f"{PREFIX}: warning: {message}", file=sys.stderr)
+    say_on_stderr(f"{PREFIX}: warning: {message}")
 
 
 def note(message):
     """Print what the tool is doing (not with -q): one line on stderr."""
-    print(f"{PREFIX}: {message}", file=sys.stderr)
+    say_on_stderr(f"{PREFIX}: {message}")
 
 
 def plural(count, noun, nouns=None):
@@ -249,6 +259,10 @@ class LineDecoder:
             try:
                 yield raw.decode(self.encoding, self.errors)
             except UnicodeDecodeError as err:
+                if start == 0 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):   # and UTF-32's
+                    raise UsageError(f"{self.name} is UTF-16 or UTF-32 (it starts with a byte-order mark), which "
+                                     "this tool cannot read: convert it to UTF-8 first "
+                                     "(iconv -f UTF-16 -t UTF-8 IN > OUT)") from None
                 raise UsageError(
                     f"{self.name}: line {self.number} is not valid {self.encoding} (byte {start + err.start} of the "
                     f"file): use --encoding to name the file's encoding, or --errors replace to go on") from None
@@ -1137,8 +1151,10 @@ class Stats:
 
 def parse_server(spec):
     """Split "HOST[:PORT[:PORT_OUT]]" into (host, port, port_out), with bert-serving-client's defaults."""
-    parts = spec.rsplit(":", 2) if spec.count(":") <= 2 else [spec]
+    parts = spec.split(":")
     try:
+        if len(parts) > 3:
+            raise ValueError(spec)
         host = parts[0] or DEFAULT_HOST
         port = int(parts[1]) if len(parts) > 1 else DEFAULT_PORT
         port_out = int(parts[2]) if len(parts) > 2 else DEFAULT_PORT_OUT
@@ -1921,8 +1937,9 @@ class LocalModel(Backend):
         self.head, self.tail = ids[:where.index(0)], ids[len(ids) - where[::-1].index(0):]
         longest = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else \
             model.config.max_position_embeddings
-        if max_seq_len:
-            longest = min(longest, max_seq_len)
+        if max_seq_len and max_seq_len > longest:
+            raise UsageError(f"--max-seq-len {max_seq_len}: model {name} takes at most {longest} positions")
+        longest = max_seq_len or longest
         self.limit = longest - len(self.head) - len(self.tail)
         if self.limit < 1:
             raise UsageError(f"--max-seq-len {max_seq_len} leaves no room for word pieces")
@@ -2165,7 +2182,7 @@ class TokenEmbedder:
         if merge not in MERGES:
             raise UsageError(f"--merge {merge}: choose one of {', '.join(MERGES)}")
         if model is None and not 0 < settings["timeout"] <= 1e6:   # also refuses nan and inf
-            raise UsageError(f"--timeout {settings['timeout']:g}: give seconds between 0 and 1000000")
+            raise UsageError(f"--timeout {settings['timeout']:g}: give seconds above 0, at most 1000000")
         for flag, value in (("--batch-size", batch_size), ("--in-flight", in_flight), ("--max-seq-len", max_seq_len)):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1")
@@ -2829,7 +2846,7 @@ def build_parser():
         1 failure during the run, 130/143 interrupted.
         """)
     parser = Parser(
-        prog="bert_token_embed.py",
+        prog="bert-token-embed" if INSTALLED_COMMAND else "bert_token_embed.py",
         description="Turn each whitespace token of each input line into one BERT vector: the rows of the "
                     "token's word pieces merged into one.",
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3121,7 +3138,7 @@ def kept_work_note(args):
         return ""
     record = Checkpoint(args.output, None, ()).load() or {}
     return (f"; the partial work ({plural(record.get('lines', 0), 'line')}) is in {args.output}.partial: "
-            f"run the same command again to continue it")
+            f"run the same command on the same input again to continue it")
 
 
 def resume_hint(args):

@@ -117,6 +117,8 @@ def test_no_server_raises_a_usage_error_naming_it_and_the_way_without_one():
     (dict(texts=["x"], merge="median"), "--merge median"),
     (dict(texts=["x"], batch_size=0), "--batch-size must be at least 1"),
     (dict(texts=["x"], servers="h:notaport"), "numeric ports"),
+    (dict(texts=["x"], servers="localhost:5555:5556:7"), "^--server localhost:5555:5556:7: expected HOST, HOST:PORT"),
+    (dict(texts=["x"], timeout=0), "^--timeout 0: give seconds above 0, at most 1000000$"),
     (dict(texts=["x"], model="m", servers="h"), "not both"),
     (dict(texts=["x"], model="minilm", layer="a,b"), "expected integers"),
     (dict(texts="Hello World"), "texts is one string; give a list of texts"),

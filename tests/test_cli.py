@@ -434,6 +434,18 @@ def test_version_exits_0(run_cli):
     assert run_cli(["--version"]) == (0, f"bert_token_embed.py {__version__}\n", "")
 
 
+@pytest.mark.parametrize("args, status, stream, text", [
+    (["--version"], 0, "stdout", f"bert-token-embed {__version__}\n"),
+    (["--bogus"], 2, "stderr", "bert_token_embed: error: unrecognized arguments: --bogus (see bert-token-embed -h)\n"),
+])
+def test_the_installed_command_calls_itself_by_its_name(args, status, stream, text):
+    """What pip's bert-token-embed script runs: command_line, with sys.argv[0] the script's path."""
+    code = (f"import sys; sys.argv = ['/somewhere/bin/bert-token-embed'] + {args!r}; sys.path.insert(0, {str(REPO)!r}); "
+            "from bert_token_embed import command_line; sys.exit(command_line())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == status and getattr(proc, stream) == text, proc
+
+
 def test_a_run_stopped_by_sigint_in_process_says_so_and_puts_back_the_signal_handlers(run_cli, tmp_path):
     """The runner's timeout sends SIGINT: main stops as on Ctrl-C and leaves the handlers it found."""
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}

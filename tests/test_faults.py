@@ -303,7 +303,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, uncased_server, run_cli):
     out = tmp_path / "out.npy"
     with uncased_server(max_seq_len=None, hidden=4, delay=0.02) as srv:
         err = interrupted_run(source, out, srv)
-        assert "run the same command again to continue it" in err
+        assert "run the same command on the same input again to continue it" in err
         assert {"out.npy.partial", "out.offsets.npy.partial", "out.npy.partial.json"} <= set(listing(tmp_path))
         kept = re.search(r"the partial work \((\d+) lines\)", err).group(1)
         status, _, err = run_cli([source, "-o", out, *server_args(srv), "--batch-size", "64", "--resume"])
@@ -326,6 +326,20 @@ def test_an_input_error_after_kept_work_says_where_the_partial_work_is(tmp_path,
     assert "line 3001 is not valid utf-8" in err
     assert re.search(r"the partial work \((\d+) lines\) is in .*out\.pkl\.partial: run the same command", err), err
     assert "out.pkl.partial.json" in set(listing(tmp_path))
+
+
+def test_other_lines_on_standard_input_keep_the_partial_work_for_the_same_input(tmp_path, uncased_server, run_cli):
+    good = b"".join(b"line %d\n" % k for k in range(3000))
+    out = tmp_path / "out.pkl"
+    with uncased_server(max_seq_len=None, hidden=4) as srv:
+        status, _, err = run_cli(["-", "-o", out, *server_args(srv), "--resume", "-q"], stdin=good + b"bad \xff\n")
+        assert status == 2 and "the partial work" in err, err
+        kept = listing(tmp_path)
+        status, _, err = run_cli(["-", "-o", out, *server_args(srv), "--resume", "-q"], stdin=b"other\n" + good)
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "standard input does not start with the lines" in err and "to start over" in err
+    assert "run the same command on the same input again to continue it" in err
+    assert listing(tmp_path) == kept
 
 
 @pytest.mark.slow

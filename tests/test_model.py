@@ -243,6 +243,7 @@ def test_without_torch_the_message_says_what_to_install(tmp_path):
     (["--device", "bogus"], "--device bogus"),
     (["--device", "cuda:99"], "--device cuda:99"),
     (["--max-seq-len", "2"], "leaves no room"),
+    (["--max-seq-len", "513"], "--max-seq-len 513: model " + MODEL + " takes at most 512 positions"),
     (["--layer", "-1,,-2"], "--layer -1,,-2"),
     (["--layer", "9"], "has hidden states"),
 ])

@@ -68,6 +68,14 @@ def test_non_utf8_raises_usage_error_naming_line_and_byte_offset():
     assert "--errors replace" in message and "--encoding" in message
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_file_is_named_with_the_way_to_convert_it(encoding):
+    data = ("\ufeffHello World !\nI'm hankcs\n").encode(encoding)
+    with pytest.raises(UsageError, match=r"^in.txt is UTF-16 or UTF-32 \(it starts with a byte-order mark\), "
+                                         r"which this tool cannot read: convert it to UTF-8 first \(iconv "):
+        lines(data)
+
+
 def test_byte_offset_counts_the_bom_and_crlf():
     data = b"\xef\xbb\xbfa\r\nb\xe9\n"
     assert data[7:8] == b"\xe9"

@@ -412,7 +412,7 @@ def test_the_only_server_killed_fails_within_the_timeout_and_resume_completes(tm
     assert proc.returncode == 1, err
     assert time.monotonic() - killed < 5 + 5, "exit 1 within --timeout (and a little)"
     assert out.read_bytes() == old
-    assert "run the same command again" in err, err
+    assert "run the same command on the same input again" in err, err
     before = counters(real_uncased)[1]
     status_, _, err = cli(args + server_flags(real_uncased))
     assert status_ == 0, err

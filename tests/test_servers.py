@@ -1,5 +1,7 @@
 """Several servers, --ip/--port/--port-out, and parse_server."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -176,6 +178,8 @@ def test_a_server_lost_mid_run_has_its_batches_sent_to_the_other(fast, uncased_s
                             "--timeout", "2")
     assert_same(arrays, single)
     assert "warning" in err and "re-sent" in err
+    # The progress bar's line is cleared for the warning, not run on into it.
+    assert re.search(r"(^|[\r\n])bert_token_embed: warning: server .* sent no reply", err), err
 
 
 @pytest.mark.slow   # 2 s; the fast subset has test_faults' test of a server that dies mid-run
