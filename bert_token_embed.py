@@ -98,6 +98,8 @@ FIRST_CHUNK_LINES = 512   # server mode's first chunk, smaller: the servers star
 MODEL_DTYPES = ("float32", "float16", "bfloat16")   # --dtype of the forward pass; rows come out float32 whatever it is
 READ_STEP = 128           # lines read between looks for replies
 READ_BLOCK = 1 << 16      # bytes of input read and decoded at once
+WIDE_BOMS = (("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),   # UTF-32 first: its LE mark starts as UTF-16's
+             ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)))
 PADDING_LIMIT = 1.1       # a request ends early rather than pad its sentences by more than this
 KNOWN_PIECES_LIMIT = 1 << 16   # tokens whose pieces alone are remembered (those that surprised the alignment)
 CONTEXT_SHARE = 0.25      # of a window's pieces, at most, given to left context from the window before
@@ -156,11 +158,14 @@ class InputChanged(Exception):
 
 def say_on_stderr(line):
     """Print one line on stderr; above the progress bar where one is shown, which tqdm then draws again below it."""
-    tqdm = sys.modules.get("tqdm")   # loaded only for a progress bar
+    stream = sys.stderr
+    if stream is None:   # started without it (pythonw): print would write to stdout instead
+        return
+    tqdm = sys.modules.get("tqdm")   # loaded for a progress bar (or by transformers)
     if tqdm is not None:
-        tqdm.tqdm.write(line, file=sys.stderr)
+        tqdm.tqdm.write(line, file=stream)
     else:
-        print(line, file=sys.stderr)
+        print(line, file=stream)
 
 
 def warn(message):
@@ -225,6 +230,11 @@ class LineDecoder:
         if not self.number and self.utf8 and block.startswith(codecs.BOM_UTF8):
             block = block[len(codecs.BOM_UTF8):]
             self.offset += len(codecs.BOM_UTF8)
+        elif not self.number and self.utf8:   # never valid UTF-8, and --errors replace would make NULs of it
+            wide = next((name for name, boms in WIDE_BOMS if block.startswith(boms)), None)
+            if wide:
+                raise UsageError(f"{self.name} is {wide} (it starts with {wide}'s byte-order mark), which this tool "
+                                 f"cannot read: convert it to UTF-8 first (iconv -f {wide} -t UTF-8 IN > OUT)")
         crlf = b"\r" in block
         if not crlf or block.count(b"\r") == block.count(b"\r\n"):   # no "\r", or Windows line ends only
             try:
@@ -259,10 +269,6 @@ class LineDecoder:
             try:
                 yield raw.decode(self.encoding, self.errors)
             except UnicodeDecodeError as err:
-                if start == 0 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):   # and UTF-32's
-                    raise UsageError(f"{self.name} is UTF-16 or UTF-32 (it starts with a byte-order mark), which "
-                                     "this tool cannot read: convert it to UTF-8 first "
-                                     "(iconv -f UTF-16 -t UTF-8 IN > OUT)") from None
                 raise UsageError(
                     f"{self.name}: line {self.number} is not valid {self.encoding} (byte {start + err.start} of the "
                     f"file): use --encoding to name the file's encoding, or --errors replace to go on") from None
@@ -1669,8 +1675,6 @@ class ServerRun:
         """Yield each line's rows in input order while reading, sending and receiving in turn."""
         pool, reader = self.pool, self.reader
         while True:
-            if not pool.servers:   # closed under a run that was still iterating (a lost last server raises in drop)
-                raise UsageError("the connections to the servers were closed before every line had its rows")
             if pool.orphans:
                 self.stats.resent += len(pool.orphans)
                 self.queue.extendleft(reversed(pool.orphans))
@@ -1682,6 +1686,8 @@ class ServerRun:
             while self.queue and pool.has_room():
                 pool.submit(self.queue.popleft())
             yield from self.finished_lines()
+            if not pool.servers and (self.open_lines or not reader.exhausted):   # closed while a line was handed out
+                raise UsageError("the connections to the servers were closed before every line had its rows")
             can_read = self.can_read()   # after the lines handed out, which make room for more
             if not (pool.busy or self.queue or can_read or reader.staged):
                 return
@@ -1895,6 +1901,8 @@ class LocalModel(Backend):
         if os.path.isdir(name):
             if not os.path.isfile(os.path.join(name, "config.json")):
                 raise UsageError(f"{name} is no Hugging Face model directory (it has no config.json)")
+        elif os.path.exists(name):
+            raise UsageError(f"{name} is a file; give the model's directory")
         elif (os.sep in name or name.startswith(".")) and not HUB_REPO_ID.fullmatch(name):
             raise UsageError(f"model directory {name} not found")
         # A hub name is looked up in the local cache alone when the hub cannot be reached: one quick
@@ -2106,6 +2114,9 @@ def address_of(server):
     if isinstance(server, str):
         return parse_server(server)
     host, port, port_out = server
+    if ":" in host:   # --ip 127.0.0.1:5555, or a tuple's host: not a host name (IPv6 is not served)
+        raise UsageError(f"host {host!r} holds a ':'; give a host alone with its ports apart (--port, --port-out), "
+                         f"or HOST:PORT:PORT_OUT to --server")
     check_ports(port, port_out)
     return host, port, port_out
 
@@ -2845,6 +2856,8 @@ def build_parser():
         elmo command writes. Exit status: 0 done, 2 usage, input or server configuration error,
         1 failure during the run, 130/143 interrupted.
         """)
+    if INSTALLED_COMMAND:
+        examples = examples.replace("python bert_token_embed.py", "bert-token-embed")
     parser = Parser(
         prog="bert-token-embed" if INSTALLED_COMMAND else "bert_token_embed.py",
         description="Turn each whitespace token of each input line into one BERT vector: the rows of the "

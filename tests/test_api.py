@@ -88,17 +88,19 @@ def test_the_api_and_the_command_line_write_the_same_rows(srv, tmp_path, run_cli
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_closed_embedder_refuses_to_embed_rather_than_wait_for_ever(srv):
-    embedder = tool.TokenEmbedder(servers=[address(srv)])
-    assert embedder.embed(["a b c"])[0].shape == (3, 16)
-    unfinished = embedder.embed_iter(["a b", "c"] * 1000)
-    assert next(unfinished).shape == (2, 16)
-    embedder.close()
-    embedder.close()   # twice is fine
-    with pytest.raises(tool.UsageError, match="^this TokenEmbedder is closed; make a new one$"):
-        embedder.embed(["x"])
-    with pytest.raises(tool.UsageError, match="connections to the servers were closed"):
-        list(unfinished)
+@pytest.mark.parametrize("lines", [2000, 400])   # more lines than are read at once; all read, some in flight
+def test_a_closed_embedder_refuses_to_embed_rather_than_wait_for_ever_or_stop_short(uncased_server, lines):
+    with uncased_server(max_seq_len=None, hidden=16, delay=0.05) as slow:
+        embedder = tool.TokenEmbedder(servers=[address(slow)])
+        assert embedder.embed(["a b c"])[0].shape == (3, 16)
+        unfinished = embedder.embed_iter(["a b", "c d e f g"] * (lines // 2))
+        assert next(unfinished).shape == (2, 16)
+        embedder.close()
+        embedder.close()   # twice is fine
+        with pytest.raises(tool.UsageError, match="^this TokenEmbedder is closed; make a new one$"):
+            embedder.embed(["x"])
+        with pytest.raises(tool.UsageError, match="connections to the servers were closed"):
+            list(unfinished)
 
 
 def test_no_server_raises_a_usage_error_naming_it_and_the_way_without_one():
@@ -118,6 +120,7 @@ def test_no_server_raises_a_usage_error_naming_it_and_the_way_without_one():
     (dict(texts=["x"], batch_size=0), "--batch-size must be at least 1"),
     (dict(texts=["x"], servers="h:notaport"), "numeric ports"),
     (dict(texts=["x"], servers="localhost:5555:5556:7"), "^--server localhost:5555:5556:7: expected HOST, HOST:PORT"),
+    (dict(texts=["x"], servers=[("localhost:5555", 5555, 5556)]), "^host 'localhost:5555' holds a ':'; give a host"),
     (dict(texts=["x"], timeout=0), "^--timeout 0: give seconds above 0, at most 1000000$"),
     (dict(texts=["x"], model="m", servers="h"), "not both"),
     (dict(texts=["x"], model="minilm", layer="a,b"), "expected integers"),

@@ -253,6 +253,12 @@ def test_model_options_that_cannot_work_are_one_line(tmp_path, cli, args, words)
     assert not list(tmp_path.iterdir())
 
 
+def test_a_file_given_as_the_model_is_named(tmp_path, cli):
+    weights = os.path.join(MODEL, "model.safetensors")
+    status, err = cli(os.path.join(ROOT, "input.txt"), "--model", weights, "-o", str(tmp_path / "x.pkl"))
+    assert (status, err) == (2, f"bert_token_embed: error: {weights} is a file; give the model's directory\n")
+
+
 def test_a_directory_without_a_model_is_named(tmp_path, cli):
     status, err = cli(os.path.join(ROOT, "input.txt"), "--model", str(tmp_path), "-o", str(tmp_path / "x.pkl"))
     assert status == 2 and "no Hugging Face model directory" in err and err.count("\n") == 1
