@@ -227,12 +227,12 @@ class LineDecoder:
         Also one by one where decoding made a "\\n" or "\\r" of other bytes (UTF-7 can;
         UTF-8 cannot): only the bytes b"\\n" end a line.
         """
-        if not self.number and self.utf8 and block.startswith(codecs.BOM_UTF8):
-            block = block[len(codecs.BOM_UTF8):]
-            self.offset += len(codecs.BOM_UTF8)
-        elif not self.number and self.utf8:   # never valid UTF-8, and --errors replace would make NULs of it
-            wide = next((name for name, boms in WIDE_BOMS if block.startswith(boms)), None)
-            if wide:
+        if not self.number and self.utf8:   # the file's first block: its byte-order mark, if any
+            if block.startswith(codecs.BOM_UTF8):
+                block = block[len(codecs.BOM_UTF8):]
+                self.offset += len(codecs.BOM_UTF8)
+            elif wide := next((name for name, boms in WIDE_BOMS if block.startswith(boms)), None):
+                # never valid UTF-8, and --errors replace would make NULs of it
                 raise UsageError(f"{self.name} is {wide} (it starts with {wide}'s byte-order mark), which this tool "
                                  f"cannot read: convert it to UTF-8 first (iconv -f {wide} -t UTF-8 IN > OUT)")
         crlf = b"\r" in block
